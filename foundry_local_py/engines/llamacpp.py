@@ -1,0 +1,460 @@
+"""llama.cpp engine (GGUF), on llama-cpp-python's low-level bindings.
+
+We drive ``llama_decode`` ourselves instead of using ``llama_cpp.Llama``: one context holds
+``max_batch`` sequences (one KV-cache stream each), and every :meth:`_LlamaRunner.step` builds a
+single batch with one decode token per generating sequence plus a chunk of prompt tokens of
+sequences still in prefill. That is continuous batching with chunked prefill, as llama.cpp's own
+``llama-server`` does it. Each slot remembers the tokens in its KV cache, so a new request reuses
+the longest matching prefix (multi-turn chats skip re-reading the conversation).
+
+Sampling uses llama.cpp's sampler chains (one per sequence): logit bias, penalties, grammar
+(structured output), top-k, top-p, min-p, temperature, seeded dist / greedy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp import llama_grammar
+
+from ..errors import ContextLengthExceededError, EngineError, InvalidRequestError, ModelLoadError
+from .base import (
+    ChatTemplateSpec,
+    Constraint,
+    EngineInfo,
+    GenerationRequest,
+    SamplingParams,
+    SequenceFailure,
+    TokenLogprobs,
+    TokenOutput,
+    TopCandidate,
+)
+
+log = logging.getLogger(__name__)
+
+_BACKEND_LOCK = threading.Lock()
+_DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
+PREFILL_CHUNK = 256  # prompt tokens per step while other sequences are decoding
+N_BATCH = 512
+
+
+def _init_backend() -> None:
+    with _BACKEND_LOCK:
+        # llama-cpp-python installs a stderr logger at import; keep llama.cpp quiet unless debugging.
+        from llama_cpp import _logger
+
+        _logger.set_verbose(log.isEnabledFor(logging.DEBUG))
+        llama_cpp.llama_backend_init()
+
+
+@dataclass
+class LlamaCppOptions:
+    n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    n_ctx: int | None = None
+    """Per-sequence context. None: the model's training context capped at ``default_ctx_cap``."""
+    default_ctx_cap: int = 4096
+    max_batch: int = 4
+    n_gpu_layers: int = 0
+    flash_attn: bool = False
+
+
+class LlamaCppEngine:
+    """A GGUF model loaded with llama.cpp."""
+
+    def __init__(self, path: Path, options: LlamaCppOptions | None = None) -> None:
+        _init_backend()
+        self.options = opts = options or LlamaCppOptions()
+        self.path = path
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = opts.n_gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError("the model file could not be loaded (corrupt, truncated or unsupported)")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        n_ctx = opts.n_ctx or min(n_ctx_train, opts.default_ctx_cap)
+        gpu = opts.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        self.metadata = self._read_metadata()
+        self._template = self._read_template()
+        self.info = EngineInfo(
+            engine="llama.cpp",
+            model_path=path,
+            device="gpu" if gpu else "cpu",
+            execution_provider="cuda" if gpu else "cpu",
+            n_ctx=n_ctx,
+            n_ctx_train=n_ctx_train,
+            n_vocab=self.n_vocab,
+            max_batch=opts.max_batch,
+            supports_constraints=True,
+            supports_logprobs=True,
+            has_chat_template=self._template is not None,
+            n_threads=opts.n_threads,
+        )
+        self._closed = False
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    def _read_metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        n = llama_cpp.llama_model_meta_count(self._model)
+        buf = ctypes.create_string_buffer(4096)
+        for i in range(n):
+            if llama_cpp.llama_model_meta_key_by_index(self._model, i, buf, len(buf)) < 0:
+                continue
+            key = buf.value.decode("utf-8", errors="replace")
+            size = llama_cpp.llama_model_meta_val_str_by_index(self._model, i, None, 0)
+            if size < 0 or size > 1 << 20:
+                continue
+            vbuf = ctypes.create_string_buffer(size + 1)
+            llama_cpp.llama_model_meta_val_str_by_index(self._model, i, vbuf, size + 1)
+            out[key] = vbuf.value.decode("utf-8", errors="replace")
+        return out
+
+    def _token_text(self, token: int) -> str:
+        if token < 0 or token >= self.n_vocab:
+            return ""
+        return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    def _read_template(self) -> ChatTemplateSpec | None:
+        source = self.metadata.get("tokenizer.chat_template")
+        if not source:
+            return None
+        return ChatTemplateSpec(
+            source=source,
+            bos_token=self._token_text(llama_cpp.llama_vocab_bos(self._vocab)),
+            eos_token=self._token_text(llama_cpp.llama_vocab_eos(self._vocab)),
+        )
+
+    # --- Engine protocol --------------------------------------------------------------------
+
+    def chat_template(self) -> ChatTemplateSpec | None:
+        return self._template
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:
+            raise EngineError("tokenization failed")
+        return list(buf[:n])
+
+    def token_piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return b"".join(self.token_piece(t) for t in tokens)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def add_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    def validate_constraint(self, constraint: Constraint) -> None:
+        grammar = constraint_to_gbnf(constraint)
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise InvalidRequestError("the response schema could not be compiled to a grammar",
+                                      param="response_format")
+        llama_cpp.llama_sampler_free(sampler)
+
+    def create_runner(self) -> _LlamaRunner:
+        return _LlamaRunner(self)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            llama_cpp.llama_model_free(self._model)
+
+    # internal accessors for the runner
+    @property
+    def model_ptr(self) -> Any:
+        return self._model
+
+    @property
+    def vocab_ptr(self) -> Any:
+        return self._vocab
+
+
+def constraint_to_gbnf(constraint: Constraint) -> str:
+    """Compile an engine-neutral constraint to a llama.cpp GBNF grammar (400 on bad schemas)."""
+    if constraint.kind == "json_object" and constraint.schema is None:
+        return llama_grammar.JSON_GBNF
+    schema = constraint.schema if constraint.schema is not None else {"type": "object"}
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except RecursionError as exc:
+        raise InvalidRequestError("the JSON schema nests too deeply", param="response_format") from exc
+    except Exception as exc:
+        raise InvalidRequestError(
+            f"unsupported JSON schema: {type(exc).__name__}: {str(exc)[:200]}", param="response_format"
+        ) from exc
+
+
+# --- the runner: continuous batching on one context --------------------------------------------
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)
+    """Tokens whose KV entries are in this sequence's cache, in order."""
+    request_id: str | None = None
+    prompt: list[int] = field(default_factory=list)
+    pending: int | None = None
+    """Sampled token not yet decoded (goes into the next batch)."""
+    sampler: Any = None
+    top_logprobs: int | None = None
+    last_used: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.request_id is not None and len(self.cached) < len(self.prompt)
+
+
+class _LlamaRunner:
+    def __init__(self, engine: LlamaCppEngine) -> None:
+        self.engine = engine
+        opts = engine.options
+        self.max_batch = opts.max_batch
+        self.n_ctx_seq = engine.info.n_ctx
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx_seq * self.max_batch
+        cparams.n_batch = N_BATCH
+        cparams.n_ubatch = N_BATCH
+        cparams.n_seq_max = self.max_batch
+        cparams.n_threads = opts.n_threads
+        cparams.n_threads_batch = opts.n_threads
+        cparams.kv_unified = False  # one KV stream per sequence: faster for unrelated requests
+        cparams.no_perf = True
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if opts.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        )
+        ctx = llama_cpp.llama_init_from_model(engine.model_ptr, cparams)
+        if not ctx:
+            raise ModelLoadError("could not create a llama.cpp context (out of memory?)")
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self._slots = [_Slot(seq_id=i) for i in range(self.max_batch)]
+        self._by_request: dict[str, _Slot] = {}
+        self._tick = 0
+        self._n_vocab = engine.n_vocab
+
+    # --- protocol -----------------------------------------------------------------------
+
+    def active(self) -> int:
+        return len(self._by_request)
+
+    def add(self, request: GenerationRequest) -> None:
+        prompt = request.prompt_tokens
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if len(prompt) >= self.n_ctx_seq:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.n_ctx_seq} tokens, "
+                f"but the prompt has {len(prompt)} tokens.",
+                param="messages",
+            )
+        slot = self._pick_slot(prompt)
+        sampler = self._make_sampler(request.sampling)
+        keep = _common_prefix(slot.cached, prompt)
+        keep = min(keep, len(prompt) - 1)  # always evaluate at least the last prompt token
+        if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
+            # Some caches (sliding-window, recurrent) cannot drop a suffix: start over.
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            keep = 0
+        slot.cached = slot.cached[:keep]
+        slot.prompt = list(prompt)
+        slot.pending = None
+        slot.request_id = request.request_id
+        slot.sampler = sampler
+        slot.top_logprobs = request.sampling.top_logprobs
+        self._by_request[request.request_id] = slot
+
+    def remove(self, request_id: str) -> None:
+        slot = self._by_request.pop(request_id, None)
+        if slot is None:
+            return
+        if slot.sampler:
+            llama_cpp.llama_sampler_free(slot.sampler)
+        slot.sampler = None
+        slot.request_id = None
+        slot.pending = None
+        self._tick += 1
+        slot.last_used = self._tick
+
+    def step(self) -> list[TokenOutput | SequenceFailure]:
+        batch = self._batch
+        batch.n_tokens = 0
+        outputs: list[TokenOutput | SequenceFailure] = []
+        logit_rows: list[tuple[_Slot, int]] = []  # (slot, batch index with logits)
+        in_batch: list[_Slot] = []
+        decoding = [s for s in self._slots if s.request_id is not None and s.pending is not None]
+        for slot in decoding:
+            if len(slot.cached) >= self.n_ctx_seq:
+                outputs.append(SequenceFailure(slot.request_id or "", ContextLengthExceededError(
+                    f"the sequence reached the context length ({self.n_ctx_seq} tokens)")))
+                continue
+            assert slot.pending is not None
+            logit_rows.append((slot, self._push(slot, slot.pending, True)))
+            in_batch.append(slot)
+            slot.pending = None
+        budget = N_BATCH - batch.n_tokens
+        if decoding:
+            budget = min(budget, PREFILL_CHUNK)
+        for slot in self._slots:
+            if budget <= 0:
+                break
+            if not slot.prefilling:
+                continue
+            start = len(slot.cached)
+            take = min(budget, len(slot.prompt) - start)
+            in_batch.append(slot)
+            for j in range(take):
+                last = start + j == len(slot.prompt) - 1
+                idx = self._push(slot, slot.prompt[start + j], last)
+                if last:
+                    logit_rows.append((slot, idx))
+            budget -= take
+        if batch.n_tokens == 0:
+            return outputs
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            log.error("llama_decode returned %d", rc)
+            # Roll back what this batch added and fail the sequences that were in it.
+            for slot in in_batch:
+                self._reset_slot_cache(slot)
+                outputs.append(SequenceFailure(slot.request_id or "", EngineError(
+                    "the inference engine could not decode this batch")))
+            return outputs
+        for slot, idx in logit_rows:
+            outputs.append(self._sample(slot, idx))
+        return outputs
+
+    def close(self) -> None:
+        for slot in self._slots:
+            if slot.sampler:
+                llama_cpp.llama_sampler_free(slot.sampler)
+                slot.sampler = None
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _push(self, slot: _Slot, token: int, logits: bool) -> int:
+        b = self._batch
+        i = b.n_tokens
+        b.token[i] = token
+        b.pos[i] = len(slot.cached)
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = slot.seq_id
+        b.logits[i] = logits
+        b.n_tokens = i + 1
+        slot.cached.append(token)
+        return i
+
+    def _reset_slot_cache(self, slot: _Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.cached = []
+
+    def _pick_slot(self, prompt: list[int]) -> _Slot:
+        free = [s for s in self._slots if s.request_id is None]
+        if not free:
+            raise EngineError("no free sequence slot")
+        return max(free, key=lambda s: (_common_prefix(s.cached, prompt), -s.last_used))
+
+    def _make_sampler(self, sp: SamplingParams) -> Any:
+        params = llama_cpp.llama_sampler_chain_default_params()
+        chain = llama_cpp.llama_sampler_chain_init(params)
+        add = llama_cpp.llama_sampler_chain_add
+        if sp.logit_bias:
+            arr = (llama_cpp.llama_logit_bias * len(sp.logit_bias))()
+            for i, (tok, bias) in enumerate(sp.logit_bias.items()):
+                arr[i].token = tok  # type: ignore[assignment]
+                arr[i].bias = bias
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(sp.logit_bias), arr))
+        if sp.repeat_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty:
+            add(chain, llama_cpp.llama_sampler_init_penalties(
+                self._n_vocab, 64, sp.repeat_penalty, sp.frequency_penalty, sp.presence_penalty))
+        if sp.constraint is not None:
+            grammar = constraint_to_gbnf(sp.constraint)
+            g = llama_cpp.llama_sampler_init_grammar(self.engine.vocab_ptr, grammar.encode(), b"root")
+            if not g:
+                llama_cpp.llama_sampler_free(chain)
+                raise InvalidRequestError(
+                    "the response schema could not be compiled", param="response_format"
+                )
+            add(chain, g)
+        if sp.temperature <= 0.0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if sp.top_k > 0:
+            add(chain, llama_cpp.llama_sampler_init_top_k(sp.top_k))
+        if sp.top_p < 1.0:
+            add(chain, llama_cpp.llama_sampler_init_top_p(sp.top_p, 1))
+        if sp.min_p > 0.0:
+            add(chain, llama_cpp.llama_sampler_init_min_p(sp.min_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_temp(sp.temperature))
+        seed = _DEFAULT_SEED if sp.seed is None else sp.seed % 0xFFFFFFFF
+        add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _sample(self, slot: _Slot, idx: int) -> TokenOutput:
+        request_id = slot.request_id or ""
+        logprobs = self._logprobs(idx, slot.top_logprobs) if slot.top_logprobs is not None else None
+        token = llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, idx)
+        if logprobs is not None:
+            logprobs = logprobs(token)
+        if self.engine.is_eog(token):
+            return TokenOutput(request_id, token, b"", end_of_generation=True, logprobs=logprobs)
+        slot.pending = token
+        return TokenOutput(request_id, token, self.engine.token_piece(token), logprobs=logprobs)
+
+    def _logprobs(self, idx: int, k: int) -> Any:
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, idx)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
+        m = logits.max()
+        logp = logits - (m + np.log(np.exp(logits - m).sum()))
+        top: tuple[TopCandidate, ...] = ()
+        if k > 0:
+            ids = np.argpartition(-logp, k)[:k]
+            ids = ids[np.argsort(-logp[ids])]
+            top = tuple(TopCandidate(int(t), self.engine.token_piece(int(t)), float(logp[t])) for t in ids)
+
+        def for_token(token: int) -> TokenLogprobs:
+            return TokenLogprobs(float(logp[token]), top)
+
+        return for_token
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

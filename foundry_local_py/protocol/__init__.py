@@ -1,0 +1,1 @@
+"""OpenAI (and Foundry Local) wire types. Pydantic only: nothing here imports engine code."""

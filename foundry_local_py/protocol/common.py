@@ -1,0 +1,108 @@
+"""Types shared by the OpenAI endpoints: sampling fields, usage, errors, logprobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+# Floats reject NaN and +-Inf (Python's json module accepts them as literals).
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+PositiveInt = Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
+
+
+class WireModel(BaseModel):
+    """Requests ignore unknown vendor fields (as llama.cpp and Ollama do) but type-check known ones."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StreamOptions(WireModel):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(WireModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[StrictInt, Field(ge=0, le=100_000)] | None = Field(
+        None, description="Foundry Local / llama.cpp extension."
+    )
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    seed: Seed | None = None
+    random_seed: Seed | None = Field(None, description="Foundry Local's name for seed.")
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repeat_penalty: Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)] | None = None
+    stop: str | list[str] | None = None
+    n: StrictInt = Field(1, description="Only 1 is supported.")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+    user: str | None = None
+    ep: str | None = Field(None, description="Foundry Local: execution provider for this request.")
+    ttl: Annotated[StrictInt, Field(ge=0)] | None = Field(None, description="Foundry Local: keep-alive.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_nonempty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and any(not isinstance(s, str) or s == "" for s in value):
+            raise ValueError("stop strings must be non-empty strings")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        if isinstance(self.stop, str):
+            return [self.stop] if self.stop else []
+        return list(self.stop)
+
+    def effective_seed(self) -> int | None:
+        return self.seed if self.seed is not None else self.random_seed
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]

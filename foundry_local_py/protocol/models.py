@@ -1,0 +1,26 @@
+"""/v1/models types."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "foundry-local-py"
+    # Extensions (ignored by OpenAI clients): what a local user wants to know at a glance.
+    loaded: bool = False
+    cached: bool = False
+    variant: str | None = None
+    engine: str | None = None
+    device: str | None = None
+    context_length: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)

@@ -1,0 +1,360 @@
+"""Admission queue and decode loop for one loaded model.
+
+One worker thread per model owns the engine's :class:`BatchRunner`: it admits waiting requests
+while the runner has room (continuous batching when ``max_batch > 1``), steps every active
+sequence, turns token bytes into text (:mod:`.output`), and hands events to each request's asyncio
+queue. Routes only see :class:`RequestHandle` and its events, so the batching policy can change
+without touching them.
+
+Back-pressure: a full waiting queue refuses with 429; a request waiting longer than
+``queue_timeout_s`` fails with 503. A cancelled request (client gone) leaves the runner at the next
+step, which frees its slot within one token's time (prefill is chunked by the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..engines.base import BatchRunner, Engine, GenerationRequest, SequenceFailure
+from ..errors import (
+    EngineError,
+    FoundryError,
+    QueueTimeoutError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
+from .output import Delta, LogprobEntry, OutputProcessor
+
+log = logging.getLogger(__name__)
+
+
+# --- events a request's consumer sees -------------------------------------------------------
+
+
+@dataclass
+class TextEvent:
+    text: str
+    n_tokens: int
+    t: float
+    """time.monotonic() when the last of these tokens was produced."""
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+
+
+@dataclass
+class FinishEvent:
+    reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    t: float
+
+
+@dataclass
+class ErrorEvent:
+    error: FoundryError
+    t: float
+
+
+StreamEvent = TextEvent | FinishEvent | ErrorEvent
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    running: int
+    waiting: int
+    max_batch: int
+    completed: int
+    cancelled: int
+
+
+class RequestHandle:
+    """The consumer side of one request. Iterate it (async) for events; ``cancel()`` when gone."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.loop = loop
+        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
+        self._cancelled = threading.Event()
+        self.done = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Yield events until the request finishes or fails. Cancels the request if abandoned."""
+        try:
+            while True:
+                event = await self.queue.get()
+                yield event
+                if isinstance(event, (FinishEvent, ErrorEvent)):
+                    self.done = True
+                    return
+        finally:
+            if not self.done:
+                self.cancel()
+
+
+class _Sequence:
+    __slots__ = ("handle", "processor")
+
+    def __init__(self, handle: RequestHandle) -> None:
+        self.handle = handle
+        req = handle.request
+        self.processor = OutputProcessor(max_tokens=req.max_tokens, stop=req.stop)
+
+
+class Scheduler:
+    """Per-model admission and decode loop (one worker thread)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        name: str,
+        max_queue: int = 64,
+        queue_timeout_s: float = 120.0,
+    ) -> None:
+        self.engine = engine
+        self.name = name
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._active: dict[str, _Sequence] = {}
+        self._accepting = True
+        self._stopping = False
+        self._max_batch = engine.info.max_batch
+        self._completed = 0
+        self._cancelled = 0
+        self._runner_ready = threading.Event()
+        self._runner_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
+        self._last_activity = time.monotonic()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._runner_ready.wait()
+        if self._runner_error is not None:
+            raise EngineError("the engine could not start a decoding runner") from self._runner_error
+
+    def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop admitting; with ``drain`` let queued and running requests finish, else cancel them."""
+        with self._cond:
+            self._accepting = False
+            if not drain:
+                for handle in list(self._waiting):
+                    handle.cancel()
+                for seq in self._active.values():
+                    seq.handle.cancel()
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def idle_since(self) -> float | None:
+        """monotonic time since which nothing ran or waited; None while busy."""
+        with self._cond:
+            if self._active or self._waiting:
+                return None
+            return self._last_activity
+
+    def stats(self) -> SchedulerStats:
+        with self._cond:
+            return SchedulerStats(
+                running=len(self._active),
+                waiting=len(self._waiting),
+                max_batch=self._max_batch,
+                completed=self._completed,
+                cancelled=self._cancelled,
+            )
+
+    # --- admission (event-loop side) ------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request. Raises 429 when the queue is full, 503 when stopping."""
+        handle = RequestHandle(request, asyncio.get_running_loop())
+        with self._cond:
+            if not self._accepting:
+                raise ServiceUnavailableError("the model is shutting down")
+            free_slots = self._max_batch - len(self._active)
+            if len(self._waiting) - max(free_slots, 0) >= self.max_queue:
+                retry = max(1, int(self.queue_timeout_s / 10))
+                raise RateLimitError(
+                    f"too many requests waiting for model '{self.name}'; retry later", retry_after=retry
+                )
+            self._waiting.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    # --- worker thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            runner = self.engine.create_runner()
+            self._max_batch = runner.max_batch
+        except BaseException as exc:
+            log.exception("runner for %s failed to start", self.name)
+            self._runner_error = exc
+            self._runner_ready.set()
+            return
+        self._runner_ready.set()
+        try:
+            self._loop(runner)
+        except BaseException:
+            log.exception("scheduler loop for %s crashed", self.name)
+            self._fail_all(EngineError("the inference engine failed"))
+        finally:
+            try:
+                runner.close()
+            except Exception:
+                log.exception("closing the runner of %s failed", self.name)
+
+    def _loop(self, runner: BatchRunner) -> None:
+        while True:
+            admitted: list[RequestHandle] = []
+            with self._cond:
+                self._expire_waiting()
+                while not self._active and not self._waiting:
+                    if self._stopping:
+                        return
+                    self._cond.wait(timeout=1.0)
+                    self._expire_waiting()
+                while self._waiting and len(self._active) + len(admitted) < runner.max_batch:
+                    handle = self._waiting.popleft()
+                    if handle.cancelled:
+                        self._cancelled += 1
+                        continue
+                    admitted.append(handle)
+                self._last_activity = time.monotonic()
+            for handle in admitted:
+                self._admit(runner, handle)
+            self._drop_cancelled(runner)
+            if not self._active:
+                continue
+            outputs = runner.step()
+            self._dispatch(runner, outputs)
+
+    def _admit(self, runner: BatchRunner, handle: RequestHandle) -> None:
+        try:
+            runner.add(handle.request)
+        except FoundryError as exc:
+            self._send(handle, ErrorEvent(exc, time.monotonic()))
+            return
+        except Exception as exc:
+            log.exception("runner.add failed for %s", handle.request_id)
+            self._send(handle, ErrorEvent(EngineError("the inference engine failed"), time.monotonic()))
+            del exc
+            return
+        handle.started_at = time.monotonic()
+        with self._cond:
+            self._active[handle.request_id] = _Sequence(handle)
+
+    def _drop_cancelled(self, runner: BatchRunner) -> None:
+        gone = [rid for rid, seq in self._active.items() if seq.handle.cancelled]
+        for rid in gone:
+            runner.remove(rid)
+            with self._cond:
+                seq = self._active.pop(rid)
+                self._cancelled += 1
+            self._send(
+                seq.handle,
+                FinishEvent("cancelled", len(seq.handle.request.prompt_tokens),
+                            seq.processor.completion_tokens, time.monotonic()),
+            )
+
+    def _dispatch(self, runner: BatchRunner, outputs: object) -> None:
+        now = time.monotonic()
+        batch: list[tuple[RequestHandle, StreamEvent]] = []
+        assert isinstance(outputs, (list, tuple))
+        for out in outputs:
+            seq = self._active.get(out.request_id)
+            if seq is None:
+                continue
+            if isinstance(out, SequenceFailure):
+                err = out.error if isinstance(out.error, FoundryError) else EngineError(
+                    "the inference engine failed"
+                )
+                self._finish(runner, out.request_id)
+                batch.append((seq.handle, ErrorEvent(err, now)))
+                continue
+            delta: Delta | None = seq.processor.feed(out)
+            if delta is not None:
+                batch.append((seq.handle, TextEvent(delta.text, delta.n_tokens, now, delta.logprobs)))
+            reason = seq.processor.finish_reason
+            if reason is not None:
+                self._finish(runner, out.request_id)
+                batch.append(
+                    (seq.handle, FinishEvent(reason, len(seq.handle.request.prompt_tokens),
+                                             seq.processor.completion_tokens, now))
+                )
+        if batch:
+            self._send_many(batch)
+
+    def _finish(self, runner: BatchRunner, request_id: str) -> None:
+        runner.remove(request_id)
+        with self._cond:
+            self._active.pop(request_id, None)
+            self._completed += 1
+
+    def _expire_waiting(self) -> None:
+        """Called with the lock held: fail requests that waited too long, forget cancelled ones."""
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        keep: collections.deque[RequestHandle] = collections.deque()
+        for handle in self._waiting:
+            if handle.cancelled:
+                self._cancelled += 1
+            elif now - handle.submitted_at > self.queue_timeout_s:
+                self._send(handle, ErrorEvent(
+                    QueueTimeoutError(f"timed out waiting for model '{self.name}'"), now))
+            else:
+                keep.append(handle)
+        self._waiting = keep
+
+    def _fail_all(self, error: FoundryError) -> None:
+        with self._cond:
+            self._accepting = False
+            handles = [s.handle for s in self._active.values()] + list(self._waiting)
+            self._active.clear()
+            self._waiting.clear()
+        now = time.monotonic()
+        self._send_many([(h, ErrorEvent(error, now)) for h in handles])
+
+    @staticmethod
+    def _send(handle: RequestHandle, event: StreamEvent) -> None:
+        Scheduler._send_many([(handle, event)])
+
+    @staticmethod
+    def _send_many(batch: list[tuple[RequestHandle, StreamEvent]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, StreamEvent]]] = {}
+        for handle, event in batch:
+            by_loop.setdefault(handle.loop, []).append((handle, event))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[RequestHandle, StreamEvent]]) -> None:
+    for handle, event in items:
+        handle.queue.put_nowait(event)
