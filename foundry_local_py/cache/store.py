@@ -23,8 +23,16 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..errors import IntegrityError, ModelNotFoundError
-from .catalog import CatalogModel, PackageSource, Variant
+from .catalog import (
+    CatalogModel,
+    ConvertSource,
+    HuggingFaceSource,
+    LocalSource,
+    PackageSource,
+    Variant,
+)
 from .layout import safe_join
+from .manifest import Manifest, read_manifest
 
 HASH_CHUNK = 4 * 1024 * 1024
 
@@ -65,10 +73,41 @@ class ModelStore:
         source = variant.source
         if isinstance(source, PackageSource):
             return self._resolve_package(model, variant, source, verify=verify)
-        raise ModelNotFoundError(
-            variant.id,
-            detail=f"It is not in the cache; run 'foundry-local model download {model.alias}'.",
+        if isinstance(source, HuggingFaceSource):
+            return self._resolve_hub(model, variant, source)
+        if isinstance(source, ConvertSource):
+            return self._resolve_converted(model, variant, source)
+        if isinstance(source, LocalSource):
+            return self._resolve_local(model, variant, source)
+        raise ModelNotFoundError(variant.id)  # pragma: no cover - exhaustive
+
+    def manifest(self, model: CatalogModel, variant: Variant) -> Manifest | None:
+        """The manifest of a complete cached variant folder (downloads and conversions)."""
+        return read_manifest(self.variant_dir(model, variant))
+
+    def _from_manifest(self, model: CatalogModel, variant: Variant, hint: str) -> Path:
+        folder = self.variant_dir(model, variant)
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise ModelNotFoundError(variant.id, detail=hint)
+        return safe_join(folder, manifest.entry) if manifest.entry else folder
+
+    def _resolve_hub(self, model: CatalogModel, variant: Variant, source: HuggingFaceSource) -> Path:
+        return self._from_manifest(
+            model, variant, f"It is not in the cache; run 'foundry-local model download {model.alias}'."
         )
+
+    def _resolve_converted(self, model: CatalogModel, variant: Variant, source: ConvertSource) -> Path:
+        return self._from_manifest(
+            model, variant,
+            f"It has not been built yet; run 'foundry-local model download {variant.name}'.",
+        )
+
+    def _resolve_local(self, model: CatalogModel, variant: Variant, source: LocalSource) -> Path:
+        path = Path(source.path).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(variant.id, detail="Its registered path no longer exists.")
+        return path
 
     def _resolve_package(
         self, model: CatalogModel, variant: Variant, source: PackageSource, *, verify: bool
