@@ -1,0 +1,99 @@
+"""``create_app(settings)``: the FastAPI application. Everything it owns lives on app.state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from ..config import Settings
+from ..errors import FoundryError
+from ..protocol.chat import ChatCompletionRequest
+from ..protocol.completions import CompletionRequest
+from .errors import install_error_handlers
+from .middleware import GuardMiddleware
+from .routes import foundry, health, openai
+from .state import Core, build_core
+
+log = logging.getLogger(__name__)
+
+
+async def _preload(core: Core) -> None:
+    name = core.settings.default_model
+    try:
+        await core.manager.load(name, pinned=True)
+    except FoundryError as exc:
+        core.preload_error = f"could not load '{name}': {exc.message}"
+        log.error("%s", core.preload_error)
+    except Exception:
+        core.preload_error = f"could not load '{name}'"
+        log.exception("preloading %s failed", name)
+    finally:
+        core.preloading = False
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        core = build_core(settings)
+        app.state.core = core
+        core.manager.start()
+        preload: asyncio.Task[None] | None = None
+        if settings.preload and settings.default_model:
+            core.preloading = True
+            preload = asyncio.get_running_loop().create_task(_preload(core))
+        try:
+            yield
+        finally:
+            if preload is not None and not preload.done():
+                preload.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await preload
+            await core.manager.close()
+
+    app = FastAPI(
+        title="foundry-local-py",
+        description="Local OpenAI-compatible inference server",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(openai.router)
+    app.include_router(foundry.router)
+    # Body schemas for the docs (the routes parse bodies themselves, whatever the content type).
+    app.openapi_schema = None
+    _register_schemas(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials="*" not in settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(GuardMiddleware, settings=settings)
+    return app
+
+
+def _register_schemas(app: FastAPI) -> None:
+    original = app.openapi
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ChatCompletionRequest, CompletionRequest):
+            components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(components[model.__name__].pop("$defs", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,106 @@
+"""Prometheus metrics. One registry per app (no module-level state), exposed at /metrics.
+
+Counters and histograms are updated by the serving code as requests complete; gauges that
+describe current state (running / waiting requests, loaded models, cache size) are read from the
+model manager at scrape time by a custom collector, so they can never drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "foundry_local"
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+_LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    model: str
+    engine: str
+    device: str
+    running: int
+    waiting: int
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self, states: Callable[[], Iterable[ModelState]], cache_size: Callable[[], int | None]
+    ) -> None:
+        self._states = states
+        self._cache_size = cache_size
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily(
+            f"{PREFIX}_requests_running", "Requests being decoded now.", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            f"{PREFIX}_requests_waiting", "Requests queued for a decode slot.", labels=["model"]
+        )
+        loaded = GaugeMetricFamily(
+            f"{PREFIX}_model_loaded", "1 for each loaded model.", labels=["model", "engine", "device"]
+        )
+        for s in self._states():
+            running.add_metric([s.model], s.running)
+            waiting.add_metric([s.model], s.waiting)
+            loaded.add_metric([s.model, s.engine, s.device], 1)
+        yield running
+        yield waiting
+        yield loaded
+        size = self._cache_size()
+        if size is not None:
+            g = GaugeMetricFamily(f"{PREFIX}_cache_size_bytes", "Bytes used by the model cache.")
+            g.add_metric([], size)
+            yield g
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Requests served.", ["model", "endpoint", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds", "Time from arrival to the last byte.",
+            ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "Time from arrival to the first generated token.",
+            ["model"], buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds", "Time between generated tokens.",
+            ["model"], buckets=_ITL_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            f"{PREFIX}_generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.model_load_seconds = Histogram(
+            f"{PREFIX}_model_load_seconds", "Time to load a model.", ["model"],
+            buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.download_bytes = Counter(
+            f"{PREFIX}_download_bytes", "Bytes downloaded from model hubs.", ["model"], registry=r
+        )
+        self.provider_fallbacks = Counter(
+            f"{PREFIX}_provider_fallbacks",
+            "Times a variant failed to initialise and the next one was used.",
+            ["model", "failed_variant"], registry=r,
+        )
+
+    def attach_state(
+        self, states: Callable[[], Iterable[ModelState]], cache_size: Callable[[], int | None]
+    ) -> None:
+        self.registry.register(_StateCollector(states, cache_size))

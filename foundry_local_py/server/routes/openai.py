@@ -1,0 +1,88 @@
+"""OpenAI-compatible routes. Thin: parse, delegate to the serving classes, return."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ...errors import ModelNotFoundError
+from ...protocol.chat import ChatCompletionRequest
+from ...protocol.completions import CompletionRequest
+from ...protocol.models import ModelCard, ModelList
+from ..body import parse_body
+from ..state import Core, get_core
+
+router = APIRouter()
+
+
+def _body_schema(model: type) -> dict[str, object]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+@router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+async def chat_completions(request: Request) -> Response:
+    core = get_core(request)
+    body = await parse_body(request, ChatCompletionRequest)
+    return await core.chat.create(body, request)
+
+
+@router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+async def completions(request: Request) -> Response:
+    core = get_core(request)
+    body = await parse_body(request, CompletionRequest)
+    return await core.completions.create(body, request)
+
+
+def model_cards(core: Core) -> list[ModelCard]:
+    cards = []
+    loaded = {lm.alias: lm for lm in core.manager.loaded()}
+    for model in core.catalog.models:
+        lm = loaded.get(model.alias)
+        cached = [v for v in model.variants if core.store.is_available(model, v)]
+        if lm is None and not cached:
+            continue
+        variant = lm.variant if lm else max(cached, key=lambda v: v.version)
+        cards.append(ModelCard(
+            id=model.alias, owned_by=model.publisher, loaded=lm is not None, cached=bool(cached),
+            variant=variant.id, engine=lm.engine.info.engine if lm else None,
+            device=lm.engine.info.device if lm else variant.device,
+            context_length=lm.engine.info.n_ctx if lm else model.context_length,
+        ))
+    return cards
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=model_cards(get_core(request)))
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    core = get_core(request)
+    model, variant = core.catalog.lookup(model_id)
+    for card in model_cards(core):
+        if card.id == model.alias and (variant is None or card.variant == variant.id):
+            if variant is not None:
+                card.id = model_id
+            return card
+    raise ModelNotFoundError(model_id, detail="It is not available on this machine.")
+
+
+@router.post("/v1/chat/completions/tokenizer/encode/count")
+async def count_tokens(request: Request) -> JSONResponse:
+    """Foundry Local's token counter: the chat request's prompt length in tokens."""
+    import anyio
+
+    core = get_core(request)
+    body = await parse_body(request, ChatCompletionRequest)
+    lm = await core.manager.get(body.model)
+    formatter = lm.formatter
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+
+    def count() -> int:
+        if formatter is None:
+            return len(lm.engine.tokenize("\n".join(m["content"] for m in messages)))
+        return len(lm.engine.tokenize(formatter.render(messages), add_special=False))
+
+    return JSONResponse({"tokenCount": await anyio.to_thread.run_sync(count)})
