@@ -17,11 +17,13 @@ variants are cached, which have a degraded fidelity record). The rules, in order
 5. Preference among the rest (Foundry Local's): an already-cached variant first (``prefer_cached``),
    then the device class ``NPU > vendor GPU > CUDA GPU > generic GPU > vendor CPU > generic CPU``,
    then, within a class, a variant *not* re-quantized from a GGUF (fidelity risk) over one that is,
+   then a variant built for the provider it runs on over one that runs on a substitute,
    then the higher version, then the name (for a stable answer).
 
 ONNX GenAI GPU variants built for CUDA, DirectML or WebGPU may run on another of those three
 providers when theirs is missing (as Foundry Local loads its GPU models with ``ep=cuda`` where
-CUDA is present); :attr:`VariantChoice.execution_provider` is the provider to actually use.
+CUDA is present); :attr:`VariantChoice.execution_provider` is the provider to actually use, and
+the class follows that provider (a DirectML build run on CUDA ranks as a CUDA GPU variant).
 
 Fallback after a provider fails to initialise (the loader's loop)::
 
@@ -110,9 +112,15 @@ class _Verdict:
     stage: str
     """Where a rejection came from: 'device', 'ep', 'excluded', 'quality', 'runtime', 'memory'."""
     dclass: DeviceClass
+    """The class of the provider it would run on (its declared one when rejected)."""
     cached: bool
     requantized: bool
     run_ep: str | None = None
+
+    @property
+    def substituted(self) -> bool:
+        """Runs on another provider than the one it was built for."""
+        return self.run_ep is not None and self.run_ep != engine_execution_provider(self.variant)
 
 
 def engine_execution_provider(variant: Variant, run_ep: str | None = None) -> str:
@@ -226,9 +234,9 @@ def evaluate_variants(
     if not accepted:
         return _no_choice(model, requested, verdicts, want_device, want_ep)
 
-    def preference(v: _Verdict) -> tuple[bool, int, bool, int, str]:
-        return (prefer_cached and not v.cached, int(v.dclass), v.requantized, -v.variant.version,
-                v.variant.name)
+    def preference(v: _Verdict) -> tuple[bool, int, bool, bool, int, str]:
+        return (prefer_cached and not v.cached, int(v.dclass), v.requantized, v.substituted,
+                -v.variant.version, v.variant.name)
 
     accepted.sort(key=preference)
     best = accepted[0]
@@ -286,9 +294,9 @@ class _Context:
             candidates = [self.want_ep]
         if excluded:
             return reject("excluded", "failed to load earlier; excluded")
-        usable = [e for e in candidates if e not in self.bad_eps]
-        if not usable:
-            names = ", ".join(full_ep(e) for e in candidates)
+        failed = [e for e in candidates if e in self.bad_eps]
+        if len(failed) == len(candidates):
+            names = ", ".join(full_ep(e) for e in failed)
             return reject("excluded", f"{names} failed to initialise earlier")
         if degraded and not self.pinned:
             return reject("quality", "its recorded fidelity is below the threshold (degraded); "
@@ -298,17 +306,19 @@ class _Context:
             return reject("runtime", runtime)
         problems = []
         run_ep = None
-        for candidate in usable:
-            problem = self._provider_problem(v, candidate)
+        for candidate in candidates:
+            problem = (f"{full_ep(candidate)} failed to initialise earlier" if candidate in failed
+                       else self._provider_problem(v, candidate))
             if problem is None:
                 run_ep = candidate
                 break
             problems.append(problem)
         if run_ep is None:
-            return reject("runtime", "; ".join(dict.fromkeys(problems)))
+            return reject("excluded" if failed else "runtime", "; ".join(dict.fromkeys(problems)))
         memory_note, memory_problem = self._memory(v, run_ep)
         if memory_problem:
             return reject("memory", memory_problem)
+        dclass = device_class(v.device, run_ep)
         parts = [f"runs on {full_ep(run_ep)} ({dclass.label})"]
         if run_ep != declared:
             parts.append(f"built for {full_ep(declared)}, which is not available")
@@ -434,6 +444,8 @@ def _advantage(best: _Verdict, other: _Verdict, prefer_cached: bool) -> str:
         return f"higher-priority device class ({best.dclass.label} over {other.dclass.label})"
     if best.requantized != other.requantized:
         return "not re-quantized from a quantized GGUF (fidelity)"
+    if best.substituted != other.substituted:
+        return f"built for {full_ep(best.run_ep or '')} itself"
     if best.variant.version != other.variant.version:
         return f"newer version ({best.variant.version} over {other.variant.version})"
     return "first by name"

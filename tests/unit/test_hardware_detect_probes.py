@@ -1,0 +1,157 @@
+"""Detection logic with injected probes and sample tool output (no hardware needed)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import replace
+
+import pytest
+
+from foundry_local_py.hardware import detect
+from foundry_local_py.hardware.detect import (
+    NvmlUnavailable,
+    Probes,
+    detect_hardware,
+    parse_llama_system_info,
+    parse_nvidia_smi,
+    parse_proc_cpuinfo,
+    probe_npus,
+    probe_nvidia,
+    safe_error,
+)
+from foundry_local_py.hardware.inventory import CpuInfo, GpuInfo, MemoryInfo
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme sse sse2 avx f16c fma avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu
+"""
+
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics asimddp sve i8mm
+CPU implementer\t: 0x41
+CPU architecture: 8
+"""
+
+SMI = """0, NVIDIA GeForce RTX 4060, 8188, 7642, 550.54.14, 8.9
+1, NVIDIA A100-SXM4-80GB, 81920, 81000, 550.54.14, 8.0
+"""
+
+
+def test_parse_x86_cpuinfo_reads_first_block_only():
+    model, vendor, features = parse_proc_cpuinfo(X86_CPUINFO)
+    assert model == "Intel(R) Xeon(R) Platinum 8480+"
+    assert vendor == "Intel"
+    assert features == ("amx_bf16", "amx_int8", "amx_tile", "avx", "avx2", "avx512_bf16",
+                        "avx512_vnni", "avx512f", "f16c", "fma")
+
+
+def test_parse_arm_cpuinfo():
+    model, vendor, features = parse_proc_cpuinfo(ARM_CPUINFO)
+    assert vendor == "ARM" and model == "unknown"
+    assert features == ("dotprod", "i8mm", "neon", "sve")
+    cpu = CpuInfo(features=features)
+    assert cpu.neon and not cpu.avx2 and not cpu.avx512 and not cpu.amx
+
+
+def test_parse_llama_system_info():
+    text = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 0 | F16C = 1 | FMA = 1 | NEON = 0 | REPACK = 1 |"
+    assert parse_llama_system_info(text) == ("avx", "avx2", "f16c", "fma")
+    assert parse_llama_system_info("Metal : EMBED_LIBRARY = 1 | CPU : NEON = 1 | ARM_FMA = 1 | "
+                                   "DOTPROD = 1 | MATMUL_INT8 = 1 |") == ("dotprod", "fma", "i8mm", "neon")
+
+
+def test_parse_nvidia_smi():
+    gpus = parse_nvidia_smi(SMI, with_compute_cap=True)
+    assert [g.index for g in gpus] == [0, 1]
+    assert gpus[0].name == "NVIDIA GeForce RTX 4060"
+    assert gpus[0].memory_total_bytes == 8188 * 2**20 and gpus[0].memory_free_bytes == 7642 * 2**20
+    assert gpus[1].compute_capability == "8.0" and gpus[1].driver_version == "550.54.14"
+    old = parse_nvidia_smi("0, Tesla K80, 11441, [N/A], 470.1\ngarbage\n", with_compute_cap=False)
+    assert len(old) == 1 and old[0].memory_free_bytes is None and old[0].compute_capability is None
+
+
+def _gpu() -> GpuInfo:
+    return GpuInfo(index=0, vendor="nvidia", name="X", memory_total_bytes=1, memory_free_bytes=1)
+
+
+def test_probe_nvidia_prefers_nvml_then_falls_back_to_smi():
+    assert probe_nvidia(nvml=lambda: [_gpu()], smi=lambda: pytest.fail("smi not needed")) == [_gpu()]
+
+    def absent() -> list[GpuInfo]:
+        raise NvmlUnavailable("not installed")
+
+    assert probe_nvidia(nvml=absent, smi=lambda: None) == []
+    assert probe_nvidia(nvml=absent, smi=lambda: [_gpu()]) == [_gpu()]
+
+    def broken() -> list[GpuInfo]:
+        raise RuntimeError("Driver/library version mismatch")
+
+    assert probe_nvidia(nvml=broken, smi=lambda: [_gpu()]) == [_gpu()]
+    with pytest.raises(RuntimeError, match=r"NVML failed .*mismatch.* nvidia-smi is unavailable"):
+        probe_nvidia(nvml=broken, smi=lambda: None)
+
+
+def test_failing_probe_is_recorded_without_paths_and_others_still_run():
+    def boom() -> CpuInfo:
+        raise OSError("cannot read /proc/cpuinfo or C:\\Windows\\x.dll")
+
+    probes = replace(Probes(), cpu=boom, nvidia=lambda: [_gpu()], memory=lambda: MemoryInfo(10, 5))
+    inv = detect_hardware(probes)
+    assert inv.cpu.model == "unknown" and inv.cpu.arch == (platform.machine() or "unknown")
+    assert inv.gpus == (_gpu(),)
+    assert inv.memory == MemoryInfo(10, 5)
+    assert len(inv.errors) == 1 and inv.errors[0].startswith("cpu: OSError: cannot read <path>")
+    assert "/proc" not in inv.errors[0] and "Windows" not in inv.errors[0]
+    json.dumps(inv.to_dict())
+
+
+def test_apple_probe_receives_memory_and_adds_gpu():
+    apple_gpu = GpuInfo(0, "apple", "Apple M3 GPU", 8, 4, unified_memory=True, source="platform")
+    seen = []
+
+    def apple(memory: MemoryInfo) -> tuple[bool, list[GpuInfo]]:
+        seen.append(memory)
+        return True, [apple_gpu]
+
+    inv = detect_hardware(replace(Probes(), apple=apple, memory=lambda: MemoryInfo(8, 4),
+                                  nvidia=lambda: []))
+    assert seen == [MemoryInfo(8, 4)]
+    assert inv.metal and inv.gpus == (apple_gpu,)
+
+
+def test_safe_error():
+    assert safe_error(ValueError()) == "ValueError"
+    assert safe_error(OSError("libnvidia-ml.so.1: cannot open /usr/lib/x")) == (
+        "OSError: libnvidia-ml.so.1: cannot open <path>")
+    assert len(safe_error(RuntimeError("x" * 1000))) < 230
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="sysfs accel layout is Linux's")
+def test_probe_npus_reads_linux_accel_drivers(tmp_path):
+    drivers = tmp_path / "drivers"
+    for name in ("intel_vpu", "mystery"):
+        (drivers / name).mkdir(parents=True)
+    for i, name in enumerate(("intel_vpu", "mystery")):
+        dev = tmp_path / "accel" / f"accel{i}" / "device"
+        dev.mkdir(parents=True)
+        (dev / "driver").symlink_to(drivers / name)
+    (tmp_path / "accel" / "accel2" / "device").mkdir(parents=True)  # no driver bound
+    npus = probe_npus(tmp_path / "accel")
+    assert [(n.vendor, n.name) for n in npus] == [
+        ("intel", "Intel NPU"), ("unknown", "accelerator (mystery)"), ("unknown", "accelerator (unknown)")]
+    assert probe_npus(tmp_path / "absent") == []
+
+
+def test_nvml_absent_when_module_missing(monkeypatch):
+    monkeypatch.setattr(detect.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(NvmlUnavailable):
+        detect.probe_nvml()
