@@ -20,6 +20,7 @@ from ..hardware.report import hardware_report
 
 
 def hardware(
+    *,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON (as GET /foundry/hardware does).")
     ] = False,
@@ -37,6 +38,10 @@ def hardware(
         bool,
         typer.Option("--ignore-cache", help="Rank by hardware only, as a fresh download would."),
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Also start a one-node onnxruntime session on each provider."),
+    ] = False,
 ) -> None:
     settings = Settings()  # type: ignore[call-arg]  # fields come from the environment
     store = ModelStore(settings.cache_dir)
@@ -44,7 +49,7 @@ def hardware(
     try:
         catalog = Catalog.load(settings.cache_dir / "catalog.json", catalog_path or settings.catalog_path)
         report = hardware_report(
-            detect_hardware(),
+            detect_hardware(verify_providers=verify),
             catalog,
             store,
             device=device if device is not None else settings.device,
@@ -86,6 +91,9 @@ def _print_report(report: dict[str, Any], console: Console) -> None:
                       f"{', '.join(ort['providers'])}; {genai}")
     else:
         console.print("[bold]ONNX[/bold]    onnxruntime not installed")
+    for check in ort["provider_checks"]:
+        state = {True: "[green]ok[/green]", False: "[red]failed[/red]", None: "skipped"}[check["ok"]]
+        console.print(f"        {check['provider']}: {state} ({escape(check['detail'])})")
     if llama["installed"]:
         offload = "GPU offload" if llama["gpu_offload"] else "CPU only"
         console.print(f"[bold]llama[/bold]   llama-cpp-python {llama['version']} ({offload})")

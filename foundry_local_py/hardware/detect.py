@@ -18,6 +18,7 @@ Facts the probes rely on:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import os
@@ -25,6 +26,7 @@ import platform
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from .inventory import (
     MemoryInfo,
     NpuInfo,
     OnnxRuntimeInfo,
+    ProviderCheck,
 )
 
 T = TypeVar("T")
@@ -414,6 +417,80 @@ def probe_onnxruntime() -> OnnxRuntimeInfo:
     )
 
 
+# Providers a bare session can start without options, and that start quickly.
+_CHECKABLE_PROVIDERS = frozenset({
+    "CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider", "ROCMExecutionProvider",
+    "MIGraphXExecutionProvider", "CoreMLExecutionProvider", "WebGpuExecutionProvider",
+})
+_NOT_DEVICES = frozenset({"AzureExecutionProvider"})
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes | int) -> bytes:
+    if isinstance(payload, int):
+        return _varint(number << 3) + _varint(payload)
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def identity_model_bytes() -> bytes:
+    """A one-node ONNX model (y = Identity(x), x: float[1]) encoded by hand, so checking a provider
+    needs no ``onnx`` package and no file."""
+
+    def value_info(name: str) -> bytes:
+        shape = _field(2, _field(1, _field(1, 1)))  # TensorShapeProto{dim{dim_value: 1}}
+        tensor = _field(1, 1) + shape  # elem_type FLOAT
+        return _field(1, name.encode()) + _field(2, _field(1, tensor))
+
+    node = _field(1, b"x") + _field(2, b"y") + _field(4, b"Identity")
+    graph = _field(1, node) + _field(2, b"check") + _field(11, value_info("x")) + _field(
+        12, value_info("y"))
+    opset = _field(2, 13)
+    return _field(1, 8) + _field(7, graph) + _field(8, opset)
+
+
+def probe_provider_sessions(providers: Iterable[str]) -> tuple[ProviderCheck, ...]:
+    """Start a one-node session on each provider and run it: evidence that
+    ``get_available_providers()`` alone does not give (onnxruntime-gpu lists CUDA even when CUDA's
+    libraries or the GPU are missing, and then silently falls back to the CPU)."""
+    import numpy as np
+    import onnxruntime
+
+    model = identity_model_bytes()
+    checks = []
+    for name in providers:
+        if name in _NOT_DEVICES:
+            continue
+        if name not in _CHECKABLE_PROVIDERS:
+            checks.append(ProviderCheck(name, None, "not checked (needs provider options or a slow start)"))
+            continue
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # the fallback warning is what we report, not print
+        chain = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "not in available provider names", reported below
+                session = onnxruntime.InferenceSession(model, sess_options=options, providers=chain)
+            (out,) = session.run(None, {"x": np.ones(1, dtype=np.float32)})
+            if name not in session.get_providers():
+                checks.append(ProviderCheck(name, False, "onnxruntime fell back to the CPU "
+                                                         "(its libraries or device are missing)"))
+            elif float(out[0]) != 1.0:
+                checks.append(ProviderCheck(name, False, "a test session returned a wrong result"))
+            else:
+                checks.append(ProviderCheck(name, True, "a test session ran"))
+        except Exception as exc:
+            checks.append(ProviderCheck(name, False, safe_error(exc)))
+    return tuple(checks)
+
+
 def probe_llama_cpp() -> LlamaCppInfo:
     if importlib.util.find_spec("llama_cpp") is None:
         return LlamaCppInfo()
@@ -437,11 +514,17 @@ class Probes:
     apple: Callable[[MemoryInfo], tuple[bool, list[GpuInfo]]] = probe_apple
     npus: Callable[[], list[NpuInfo]] = probe_npus
     onnxruntime: Callable[[], OnnxRuntimeInfo] = probe_onnxruntime
+    provider_sessions: Callable[[Iterable[str]], tuple[ProviderCheck, ...]] = probe_provider_sessions
     llama_cpp: Callable[[], LlamaCppInfo] = probe_llama_cpp
 
 
-def detect_hardware(probes: Probes | None = None) -> HardwareInventory:
-    """Run every probe; a failing probe yields its default and one line in ``errors``."""
+def detect_hardware(probes: Probes | None = None, *, verify_providers: bool = False) -> HardwareInventory:
+    """Run every probe; a failing probe yields its default and one line in ``errors``.
+
+    ``verify_providers`` also starts a one-node onnxruntime session on each listed provider
+    (milliseconds on the CPU, about a second for a GPU provider's first context), recorded in
+    ``inventory.onnxruntime.provider_checks``; the variant choice skips providers that failed.
+    """
     probes = probes or Probes()
     errors: list[str] = []
 
@@ -460,6 +543,10 @@ def detect_hardware(probes: Probes | None = None) -> HardwareInventory:
     metal, apple_gpus = attempt("apple", lambda: probes.apple(memory), (False, no_gpus))
     npus = attempt("npu", probes.npus, no_npus)
     ort = attempt("onnxruntime", probes.onnxruntime, OnnxRuntimeInfo())
+    if verify_providers and ort.installed:
+        no_checks: tuple[ProviderCheck, ...] = ()
+        checks = attempt("providers", lambda: probes.provider_sessions(ort.providers), no_checks)
+        ort = dataclasses.replace(ort, provider_checks=checks)
     llama = attempt("llama.cpp", probes.llama_cpp, LlamaCppInfo())
     return HardwareInventory(
         system=platform.system() or "unknown",

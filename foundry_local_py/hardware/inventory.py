@@ -81,6 +81,17 @@ class NpuInfo:
 
 
 @dataclass(frozen=True)
+class ProviderCheck:
+    """The result of creating (and running) a one-node session on a provider."""
+
+    provider: str
+    ok: bool | None
+    """True: it initialised and ran; False: it failed or onnxruntime fell back to the CPU;
+    None: not checked (the provider needs options to start, or is slow to start)."""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class OnnxRuntimeInfo:
     installed: bool = False
     version: str | None = None
@@ -92,6 +103,12 @@ class OnnxRuntimeInfo:
     genai_version: str | None = None
     genai_distribution: str | None = None
     """'onnxruntime-genai', 'onnxruntime-genai-cuda', ... (one import name, one per environment)."""
+    provider_checks: tuple[ProviderCheck, ...] = ()
+    """Filled when detection ran with ``verify_providers=True``; empty otherwise."""
+
+    def check(self, provider: str) -> ProviderCheck | None:
+        wanted = provider.lower()
+        return next((c for c in self.provider_checks if c.provider.lower() == wanted), None)
 
 
 @dataclass(frozen=True)

@@ -363,6 +363,9 @@ class _Context:
         if not inv.has_provider(name):
             build = inv.onnxruntime.distribution or "onnxruntime"
             return f"{name} is not available in this {build} build"
+        check = inv.onnxruntime.check(name)
+        if check is not None and check.ok is False:
+            return f"{name} failed a test session ({check.detail})"
         if ep in NVIDIA_PROVIDERS and not inv.nvidia_gpus:
             return f"{name} is installed but no NVIDIA GPU was found"
         if v.device == "npu" and not inv.npus:

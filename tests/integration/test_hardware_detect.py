@@ -92,6 +92,23 @@ def test_onnxruntime_providers_are_what_onnxruntime_says(inventory):
         assert not inventory.has_provider("CUDAExecutionProvider") or info.distribution == "onnxruntime-gpu"
 
 
+def test_provider_sessions_really_run():
+    """A one-node session starts on the CPU provider; a provider this build lacks is caught by
+    the fallback check, not trusted."""
+    pytest.importorskip("onnxruntime")
+    from foundry_local_py.hardware.detect import probe_provider_sessions
+
+    inv = detect_hardware(verify_providers=True)
+    cpu = inv.onnxruntime.check("CPUExecutionProvider")
+    assert cpu is not None and cpu.ok is True
+    assert all(c.provider != "AzureExecutionProvider" for c in inv.onnxruntime.provider_checks)
+    if not NVIDIA_PRESENT:
+        (cuda,) = probe_provider_sessions(["CUDAExecutionProvider"])
+        assert cuda.ok is False and "fell back" in cuda.detail
+    (qnn,) = probe_provider_sessions(["QNNExecutionProvider"])
+    assert qnn.ok is None
+
+
 def test_genai_detected_when_installed(inventory):
     import importlib.util
 
@@ -157,6 +174,7 @@ def test_cli_overrides_and_bad_values(tmp_path):
     bad = _cli("--ep", "warp-drive", cache=tmp_path)
     assert bad.returncode == 2
     assert "Unknown execution provider" in bad.stderr
-    text = _cli("--device", "cpu", cache=tmp_path)
+    text = _cli("--device", "cpu", "--verify", cache=tmp_path)
     assert text.returncode == 0, text.stderr
     assert "smollm2-135m ->" in text.stdout and "CPUExecutionProvider" in text.stdout
+    assert "CPUExecutionProvider: ok (a test session ran)" in text.stdout

@@ -20,7 +20,7 @@ from foundry_local_py.hardware.detect import (
     probe_nvidia,
     safe_error,
 )
-from foundry_local_py.hardware.inventory import CpuInfo, GpuInfo, MemoryInfo
+from foundry_local_py.hardware.inventory import CpuInfo, GpuInfo, MemoryInfo, OnnxRuntimeInfo, ProviderCheck
 
 X86_CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -126,6 +126,28 @@ def test_apple_probe_receives_memory_and_adds_gpu():
                                   nvidia=lambda: []))
     assert seen == [MemoryInfo(8, 4)]
     assert inv.metal and inv.gpus == (apple_gpu,)
+
+
+def test_provider_checks_run_only_when_asked():
+    calls = []
+
+    def sessions(providers):
+        calls.append(tuple(providers))
+        return (ProviderCheck("CPUExecutionProvider", True, "ran"),)
+
+    ort = OnnxRuntimeInfo(installed=True, providers=("CPUExecutionProvider",))
+    probes = replace(Probes(), onnxruntime=lambda: ort, provider_sessions=sessions)
+    assert detect_hardware(probes).onnxruntime.provider_checks == ()
+    inv = detect_hardware(probes, verify_providers=True)
+    assert calls == [("CPUExecutionProvider",)]
+    assert inv.onnxruntime.check("cpuexecutionprovider") == ProviderCheck("CPUExecutionProvider", True, "ran")
+    assert inv.onnxruntime.check("CUDAExecutionProvider") is None
+
+    def broken(providers):
+        raise RuntimeError("boom")
+
+    inv = detect_hardware(replace(probes, provider_sessions=broken), verify_providers=True)
+    assert inv.onnxruntime.provider_checks == () and inv.errors == ("providers: RuntimeError: boom",)
 
 
 def test_safe_error():

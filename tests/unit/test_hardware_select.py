@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from foundry_local_py.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
-from foundry_local_py.hardware.inventory import LlamaCppInfo
+from foundry_local_py.hardware.inventory import LlamaCppInfo, ProviderCheck
 from foundry_local_py.hardware.providers import (
     DeviceClass,
     device_class,
@@ -141,6 +141,19 @@ def test_unknown_size_or_unknown_gpu_memory_is_not_checked():
     assert "size unknown" in choice.reason
     blind = replace(CUDA_8GB, gpus=(replace(rtx(), memory_free_bytes=None),))
     assert "GPU memory unknown" in choose_variant(model(GPU_CUDA), blind).reason
+
+
+def test_provider_that_failed_its_test_session_is_rejected():
+    checks = (ProviderCheck("CUDAExecutionProvider", False, "onnxruntime fell back to the CPU"),
+              ProviderCheck("TensorrtExecutionProvider", None, "not checked"))
+    inv = replace(CUDA_8GB, onnxruntime=replace(CUDA_8GB.onnxruntime, provider_checks=checks))
+    choice = choose_variant(model(GPU_CUDA, GGUF_CPU), inv)
+    assert choice.variant_id == "phi-q4-gguf-cpu:1"
+    ok, why = verdicts(choice)["phi-gpu-cuda:1"]
+    assert not ok and "CUDAExecutionProvider failed a test session (onnxruntime fell back" in why
+    # Not checked is not evidence against it.
+    trt = variant("phi-gpu-trt", "onnx", "gpu", "TensorrtExecutionProvider")
+    assert choose_variant(model(trt, GGUF_CPU), inv).variant_id == "phi-gpu-trt:1"
 
 
 def test_cuda_provider_without_nvidia_gpu_is_rejected():
