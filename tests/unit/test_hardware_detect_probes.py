@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import platform
+import sys
 from dataclasses import replace
 
 import pytest
@@ -177,3 +179,92 @@ def test_nvml_absent_when_module_missing(monkeypatch):
     monkeypatch.setattr(detect.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(NvmlUnavailable):
         detect.probe_nvml()
+
+
+class _FakeNvml:
+    """The slice of nvidia-ml-py that probe_nvml calls, with a machine of two GPUs."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_LibraryNotFound(NVMLError):
+        pass
+
+    class NVMLError_DriverNotLoaded(NVMLError):
+        pass
+
+    class _Mem:
+        def __init__(self, total: int, free: int) -> None:
+            self.total, self.free = total, free
+
+    def __init__(self, init_error: Exception | None = None) -> None:
+        self.init_error = init_error
+        self.shutdown = 0
+        self.__spec__ = importlib.machinery.ModuleSpec("pynvml", None)
+
+    def nvmlInit(self) -> None:
+        if self.init_error:
+            raise self.init_error
+
+    def nvmlShutdown(self) -> None:
+        self.shutdown += 1
+
+    def nvmlSystemGetDriverVersion(self) -> bytes:
+        return b"550.54.14"
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> _Mem:
+        return self._Mem(8 * 2**30, (7 - h) * 2**30)
+
+    def nvmlDeviceGetName(self, h: int) -> str | bytes:
+        return b"NVIDIA GeForce RTX 4060" if h == 0 else "NVIDIA L4"
+
+    def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:
+        if h == 1:
+            raise self.NVMLError("not supported")
+        return 8, 9
+
+
+def test_probe_nvml_reads_every_gpu(monkeypatch):
+    fake = _FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    gpus = detect.probe_nvml()
+    assert [(g.index, g.name, g.compute_capability) for g in gpus] == [
+        (0, "NVIDIA GeForce RTX 4060", "8.9"), (1, "NVIDIA L4", None)]
+    assert gpus[0].memory_free_bytes == 7 * 2**30 and gpus[1].memory_free_bytes == 6 * 2**30
+    assert {g.driver_version for g in gpus} == {"550.54.14"} and {g.source for g in gpus} == {"nvml"}
+    assert fake.shutdown == 1
+
+
+@pytest.mark.parametrize("error", ["NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded"])
+def test_probe_nvml_without_driver_means_no_gpu(monkeypatch, error):
+    fake = _FakeNvml()
+    fake.init_error = getattr(_FakeNvml, error)()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with pytest.raises(NvmlUnavailable):
+        detect.probe_nvml()
+
+
+def test_probe_nvidia_smi_retries_without_compute_cap(monkeypatch):
+    calls = []
+
+    def run(args):
+        calls.append(args[1])
+        return None if "compute_cap" in args[1] else "0, Tesla T4, 15360, 15000, 470.82\n"
+
+    monkeypatch.setattr(detect, "_run", run)
+    (gpu,) = detect.probe_nvidia_smi()
+    assert gpu.name == "Tesla T4" and gpu.compute_capability is None and len(calls) == 2
+    monkeypatch.setattr(detect, "_run", lambda args: None)
+    assert detect.probe_nvidia_smi() is None
+
+
+def test_run_helper_uses_real_commands():
+    assert detect._run([sys.executable, "-c", "print('hi')"]) == "hi\n"
+    assert detect._run([sys.executable, "-c", "raise SystemExit(3)"]) is None
+    assert detect._run(["definitely-not-a-command-xyz"]) is None
