@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .detect import Probes, detect_hardware
+from .detect import Probes, detect_hardware, refresh_memory
 from .inventory import HardwareInventory
 from .providers import DeviceClass, normalize_device, normalize_ep
 from .report import cached_variant_ids, degraded_variant_ids, hardware_report, model_report
@@ -35,4 +35,5 @@ __all__ = [
     "model_report",
     "normalize_device",
     "normalize_ep",
+    "refresh_memory",
 ]

@@ -559,3 +559,29 @@ def detect_hardware(probes: Probes | None = None, *, verify_providers: bool = Fa
         llama_cpp=llama,
         errors=tuple(errors),
     )
+
+
+def refresh_memory(inventory: HardwareInventory, probes: Probes | None = None) -> HardwareInventory:
+    """The same inventory with RAM and GPU memory measured again (free memory changes as models
+    load). Cheap: no runtime is imported. A failing probe keeps the old figures and adds an error."""
+    probes = probes or Probes()
+    errors = list(inventory.errors)
+    try:
+        memory = probes.memory()
+    except Exception as exc:
+        errors.append(f"memory: {safe_error(exc)}")
+        memory = inventory.memory
+    try:
+        nvidia = tuple(probes.nvidia())
+    except Exception as exc:
+        errors.append(f"nvidia: {safe_error(exc)}")
+        nvidia = inventory.nvidia_gpus
+    try:
+        _, apple = probes.apple(memory)
+    except Exception as exc:
+        errors.append(f"apple: {safe_error(exc)}")
+        apple = list(inventory.gpus_of("apple"))
+    others = tuple(g for g in inventory.gpus if g.vendor not in {"nvidia", "apple"})
+    return dataclasses.replace(
+        inventory, memory=memory, gpus=nvidia + tuple(apple) + others, errors=tuple(errors)
+    )

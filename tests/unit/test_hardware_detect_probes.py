@@ -20,6 +20,7 @@ from foundry_local_py.hardware.detect import (
     parse_proc_cpuinfo,
     probe_npus,
     probe_nvidia,
+    refresh_memory,
     safe_error,
 )
 from foundry_local_py.hardware.inventory import CpuInfo, GpuInfo, MemoryInfo, OnnxRuntimeInfo, ProviderCheck
@@ -268,3 +269,32 @@ def test_run_helper_uses_real_commands():
     assert detect._run([sys.executable, "-c", "print('hi')"]) == "hi\n"
     assert detect._run([sys.executable, "-c", "raise SystemExit(3)"]) is None
     assert detect._run(["definitely-not-a-command-xyz"]) is None
+
+
+def test_refresh_memory_remeasures_ram_and_gpus_only():
+    first = detect_hardware(replace(Probes(), memory=lambda: MemoryInfo(16, 10),
+                                    nvidia=lambda: [replace(_gpu(), memory_free_bytes=8)]))
+    amd = GpuInfo(3, "amd", "Radeon")
+    first = replace(first, gpus=(*first.gpus, amd))
+
+    def no_cpu() -> CpuInfo:
+        raise AssertionError("refresh must not re-probe the CPU")
+
+    later = refresh_memory(first, replace(Probes(), cpu=no_cpu, memory=lambda: MemoryInfo(16, 4),
+                                          nvidia=lambda: [replace(_gpu(), memory_free_bytes=2)]))
+    assert later.memory == MemoryInfo(16, 4)
+    assert [g.memory_free_bytes for g in later.nvidia_gpus] == [2]
+    assert amd in later.gpus and later.cpu == first.cpu and later.onnxruntime == first.onnxruntime
+
+    def broken() -> list[GpuInfo]:
+        raise RuntimeError("nvml went away")
+
+    def broken_memory() -> MemoryInfo:
+        raise OSError("no /proc")
+
+    def broken_apple(memory: MemoryInfo) -> tuple[bool, list[GpuInfo]]:
+        raise RuntimeError("sysctl")
+
+    kept = refresh_memory(later, replace(Probes(), memory=broken_memory, nvidia=broken, apple=broken_apple))
+    assert kept.gpus == later.gpus and kept.memory == later.memory
+    assert [e.split(":")[0] for e in kept.errors[-3:]] == ["memory", "nvidia", "apple"]
