@@ -18,7 +18,8 @@ variants are cached, which have a degraded fidelity record). The rules, in order
    then the device class ``NPU > vendor GPU > CUDA GPU > generic GPU > vendor CPU > generic CPU``,
    then, within a class, a variant *not* re-quantized from a GGUF (fidelity risk) over one that is,
    then a variant built for the provider it runs on over one that runs on a substitute,
-   then the higher version, then the name (for a stable answer).
+   then the higher version, then GGUF over ONNX (:data:`FORMAT_PREFERENCE`), then the name
+   (for a stable answer).
 
 ONNX GenAI GPU variants built for CUDA, DirectML or WebGPU may run on another of those three
 providers when theirs is missing (as Foundry Local loads its GPU models with ``ep=cuda`` where
@@ -67,6 +68,9 @@ GPU_MEMORY_OVERHEAD = 1.2
 GPU_MEMORY_RESERVE_BYTES = 512 * 1024 * 1024
 """Kept free on the GPU for the runtime's own context and workspace."""
 MAX_REASONS_IN_ERROR = 4
+FORMAT_PREFERENCE = ("gguf", "onnx")
+"""Last tie-break before the name: the llama.cpp engine (continuous batching, grammar-constrained
+output, logprobs) over ONNX GenAI when both run on the same class of device."""
 
 
 class Considered(NamedTuple):
@@ -234,9 +238,9 @@ def evaluate_variants(
     if not accepted:
         return _no_choice(model, requested, verdicts, want_device, want_ep)
 
-    def preference(v: _Verdict) -> tuple[bool, int, bool, bool, int, str]:
+    def preference(v: _Verdict) -> tuple[bool, int, bool, bool, int, int, str]:
         return (prefer_cached and not v.cached, int(v.dclass), v.requantized, v.substituted,
-                -v.variant.version, v.variant.name)
+                -v.variant.version, _format_rank(v.variant), v.variant.name)
 
     accepted.sort(key=preference)
     best = accepted[0]
@@ -304,7 +308,9 @@ class _Context:
         runtime = self._runtime_problem(v)
         if runtime:
             return reject("runtime", runtime)
-        problems = []
+        problems: list[str] = []
+        missing: list[str] = []  # providers this onnxruntime build lacks, reported in one phrase
+        missing_at = 0
         run_ep = None
         for candidate in candidates:
             problem = (f"{full_ep(candidate)} failed to initialise earlier" if candidate in failed
@@ -312,8 +318,15 @@ class _Context:
             if problem is None:
                 run_ep = candidate
                 break
+            if v.format == "onnx" and not self.inventory.has_provider(full_ep(candidate)):
+                missing.append(full_ep(candidate))
+                if len(missing) > 1:
+                    continue
+                missing_at = len(problems)
             problems.append(problem)
         if run_ep is None:
+            if len(missing) > 1:
+                problems[missing_at] += f" (nor {', '.join(missing[1:])}, which it could also run on)"
             return reject("excluded" if failed else "runtime", "; ".join(dict.fromkeys(problems)))
         memory_note, memory_problem = self._memory(v, run_ep)
         if memory_problem:
@@ -421,6 +434,10 @@ def _requantized(model: CatalogModel, v: Variant) -> bool:
     return False
 
 
+def _format_rank(v: Variant) -> int:
+    return FORMAT_PREFERENCE.index(v.format) if v.format in FORMAT_PREFERENCE else len(FORMAT_PREFERENCE)
+
+
 def _keys(ids: Collection[str]) -> set[str]:
     return {i.strip().lower() for i in ids}
 
@@ -451,6 +468,8 @@ def _advantage(best: _Verdict, other: _Verdict, prefer_cached: bool) -> str:
         return f"built for {full_ep(best.run_ep or '')} itself"
     if best.variant.version != other.variant.version:
         return f"newer version ({best.variant.version} over {other.variant.version})"
+    if best.variant.format != other.variant.format:
+        return f"{best.variant.format.upper()} preferred over {other.variant.format.upper()} at equal rank"
     return "first by name"
 
 

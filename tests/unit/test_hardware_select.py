@@ -209,7 +209,9 @@ def test_no_gpu_box_falls_back_to_cpu_and_explains_each_gpu_variant():
     assert choice.execution_provider == "CPUExecutionProvider"
     v = verdicts(choice)
     assert v["phi-q4-gguf-cuda:1"] == (False, "this llama-cpp-python build has no GPU offload")
-    assert "CUDAExecutionProvider is not available" in v["phi-gpu-cuda:1"][1]
+    assert v["phi-gpu-cuda:1"] == (False, (
+        "CUDAExecutionProvider is not available in this onnxruntime build "
+        "(nor DmlExecutionProvider, WebGpuExecutionProvider, which it could also run on)"))
     assert choice.reason.endswith("the only usable variant")
 
 
@@ -278,6 +280,15 @@ def test_version_tie_goes_to_newer():
     assert "newer version (3 over 1)" in choice.reason
     ok, why = verdicts(choice)["phi-gpu-cuda:1"]
     assert ok and "newer version" in why
+
+
+def test_gguf_preferred_over_onnx_at_equal_rank_and_version():
+    choice = choose_variant(model(CPU_ONNX, GGUF_CPU), NO_GPU)
+    assert choice.variant_id == "phi-q4-gguf-cpu:1"
+    assert "GGUF preferred over ONNX at equal rank" in choice.reason
+    # A newer ONNX build still wins: version comes first.
+    newer = {**CPU_ONNX, "version": 2}
+    assert choose_variant(model(newer, GGUF_CPU), NO_GPU).variant_id == "phi-cpu-onnx:2"
 
 
 def test_name_breaks_full_ties():
