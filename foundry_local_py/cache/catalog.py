@@ -153,7 +153,9 @@ class Variant(_Strict):
     )
     precision: str
     source: Source
-    size_bytes: int | None = Field(None, gt=0)
+    size_bytes: int | None = Field(
+        None, gt=0, description="Download size for display (may be rounded); exact sizes live in the source."
+    )
     context_length: int | None = Field(None, gt=0)
     chat_template: str | None = Field(None, description="Overrides the template in the model file.")
 
