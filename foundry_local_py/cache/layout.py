@@ -22,8 +22,8 @@ def check_relative_path(value: str, *, single_component: bool = False) -> str:
     pure = PurePosixPath(value)
     if pure.is_absolute():
         raise UnsafePathError("path must be relative")
-    parts = pure.parts
-    if any(p in ("..", ".", "") for p in parts) or value.endswith("/"):
+    parts = value.split("/")  # not pure.parts: PurePosixPath drops "." and empty components
+    if any(p in ("..", ".", "") for p in parts):
         raise UnsafePathError("path must not contain '.' or '..' components")
     if single_component and len(parts) != 1:
         raise UnsafePathError("a file name must not contain '/'")
