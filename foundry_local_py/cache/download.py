@@ -263,9 +263,7 @@ def download_variant(
     if not force and is_cached(store, model, variant):
         return _done(store, model, variant, reporter)
     if offline_mode():
-        raise DownloadError(
-            f"'{variant.id}' is not in the cache and offline mode is on (HF_HUB_OFFLINE)"
-        )
+        raise DownloadError(f"'{variant.id}' is not in the cache and offline mode is on (HF_HUB_OFFLINE)")
 
     with _variant_lock(store, variant, reporter):
         if not force and is_cached(store, model, variant):
@@ -373,8 +371,10 @@ def _check_disk_space(root: Path, staging: Path, remote: list[RemoteFile]) -> No
             continue
         target = safe_join(staging, rf.local)
         partial = _partial_path(target)
-        have = target.stat().st_size if target.is_file() else (
-            partial.stat().st_size if partial.is_file() else 0
+        have = (
+            target.stat().st_size
+            if target.is_file()
+            else (partial.stat().st_size if partial.is_file() else 0)
         )
         needed += max(rf.size - have, 0)
     if needed == 0:

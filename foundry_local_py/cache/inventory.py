@@ -206,6 +206,7 @@ def fallback_variant(store: ModelStore, model: CatalogModel) -> Variant:
     it: an already-usable variant first (CPU before others), then the first CPU variant
     (GGUF before ONNX), then the first variant.
     """
+
     def rank(v: Variant) -> tuple[int, int, int]:
         return (0 if v.device == "cpu" else 1, 0 if v.format == "gguf" else 1, model.variants.index(v))
 
@@ -254,9 +255,7 @@ def remove_model(
             discard_folder(store, staging)
         if removed:
             results.append(RemoveResult(variant.id, "removed"))
-    if any(isinstance(v.source, LocalSource) for v in variants) and unregister_local(
-        store.root, model.alias
-    ):
+    if any(isinstance(v.source, LocalSource) for v in variants) and unregister_local(store.root, model.alias):
         results.extend(
             RemoveResult(v.id, "unregistered", "its files were left where they are")
             for v in variants
