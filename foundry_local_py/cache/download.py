@@ -253,6 +253,11 @@ def download_variant(
     :class:`DownloadError` (network, hub, offline), :class:`IntegrityError` (sha256 or size
     mismatch; the bad file is deleted), :class:`InsufficientDiskSpaceError`, or
     :class:`UnsafePathError`. Interrupted downloads resume from their partial files.
+
+    ``progress`` is called in this thread for every chunk written (``stage`` 'wait', 'download',
+    'verify', 'done'); an exception it raises aborts the download and propagates unchanged,
+    keeping the partial data for a later resume -- that is how a caller cancels. Blocking: run
+    it in a worker thread from async code.
     """
     source = variant.source
     if not isinstance(source, HuggingFaceSource):

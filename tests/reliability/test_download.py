@@ -232,6 +232,41 @@ def test_offline_mode_serves_the_cache_and_refuses_the_network(
     assert hub.log == []
 
 
+def test_hf_token_is_sent_for_private_repos(env: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch):
+    store, _c, model, variant = _get(env, "tiny-genai")
+    hub.faults.require_token = "hf_test_token"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(DownloadError) as excinfo:
+        download_variant(store, model, variant)
+    assert "HF_TOKEN" in excinfo.value.message
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert download_variant(store, model, variant).is_dir()
+
+
+def test_a_progress_callback_can_abort_and_the_partial_file_is_kept(env: Path, hub: FakeHub):
+    store, _c, model, variant = _get(env, "smol-hub")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_some_bytes(p):
+        if p.stage == "download" and p.done_bytes >= 10_000_000:
+            raise Stop
+
+    with pytest.raises(Stop):
+        download_variant(store, model, variant, progress=stop_after_some_bytes)
+    assert not is_cached(store, model, variant)
+    (partial,) = [p for p in _staged_files(env) if p.name.endswith(".incomplete")]
+    kept = partial.stat().st_size
+    assert kept >= 10_000_000
+
+    hub.clear_log()
+    download_variant(store, model, variant)
+    (resumed,) = hub.gets(SMOL_FILE)
+    assert resumed.range == f"bytes={kept}-"
+
+
 def test_folder_variant_from_a_repo_subfolder(env: Path, hub: FakeHub):
     store, _c, model, variant = _get(env, "tiny-genai")
     folder = download_variant(store, model, variant)

@@ -58,6 +58,8 @@ class Faults:
     flip_at: int | None = None
     ignore_range: bool = False
     rate_bytes_per_s: float | None = None
+    require_token: str | None = None
+    """Treat every repo as private: without ``Authorization: Bearer <token>`` answer 401."""
 
 
 @dataclass
@@ -253,6 +255,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self, rec: Record, repo: str, rev: str, name: str, *, head: bool) -> None:
         hub = self.hub
         files = hub.repos.get(repo)
+        token = hub.faults.require_token
+        if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+            self._error(rec, 401, "RepoNotFound")  # what the Hub answers for a private repo
+            return
         if files is None:
             self._error(rec, 404, "RepoNotFound")
             return
