@@ -18,13 +18,19 @@ from .store import ModelStore
 
 @dataclass(frozen=True)
 class Progress:
-    """A progress report: ``stage`` is 'download', 'convert', 'verify' or 'done'."""
+    """A progress report: ``stage`` is 'wait', 'download', 'convert', 'verify' or 'done'.
+
+    ``done_bytes``/``total_bytes`` cover the whole variant (all its files; resumed bytes count as
+    done). ``new_bytes`` is what arrived from the network since the previous report: add it to a
+    download counter (``foundry_local_download_bytes_total``).
+    """
 
     variant_id: str
     stage: str
     done_bytes: int = 0
     total_bytes: int | None = None
     message: str = ""
+    new_bytes: int = 0
 
 
 ProgressCallback = Callable[[Progress], None]

@@ -22,13 +22,20 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import InvalidRequestError, ModelNotFoundError
-from .layout import check_relative_path
+from .layout import check_registered_path, check_relative_path
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$"
 _SHA256 = r"^[0-9a-f]{64}$"
 
 Device = Literal["cpu", "gpu", "npu"]
 ModelFormat = Literal["gguf", "onnx"]
+
+
+def _plain_name(value: str) -> str:
+    """Names become folder names: besides ``NAME_PATTERN``, no ``..`` anywhere in them."""
+    if ".." in value:
+        raise ValueError("names must not contain '..'")
+    return value
 
 
 class _Strict(BaseModel):
@@ -74,13 +81,26 @@ class HubFile(_Strict):
 
 
 class HuggingFaceSource(_Strict):
+    """Files of one Hugging Face repo at one revision.
+
+    ``files`` are relative to ``subfolder`` (when set) in the repo and land at the same relative
+    paths in the variant's cache folder, so an ONNX GenAI folder nested in the repo (for example
+    ``cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4``) becomes the variant folder itself.
+    """
+
     kind: Literal["huggingface"] = "huggingface"
     repo: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9][A-Za-z0-9._\-]*$")
     revision: str = Field("main", pattern=r"^[A-Za-z0-9._\-/]{1,128}$")
+    subfolder: str | None = Field(None, description="Folder inside the repo the files are under.")
     files: list[HubFile] = Field(min_length=1)
     entry: str | None = Field(
         None, description="The file the engine opens (GGUF); None: the folder (ONNX GenAI)."
     )
+
+    @field_validator("subfolder")
+    @classmethod
+    def _safe_subfolder(cls, value: str | None) -> str | None:
+        return None if value is None else check_relative_path(value)
 
     @model_validator(mode="after")
     def _entry_listed(self) -> HuggingFaceSource:
@@ -88,7 +108,14 @@ class HuggingFaceSource(_Strict):
             raise ValueError(f"entry '{self.entry}' is not among the files")
         if ".." in self.revision.split("/"):
             raise ValueError("revision must not contain '..'")
+        paths = [f.path for f in self.files]
+        if len(paths) != len(set(paths)):
+            raise ValueError("duplicate file paths")
         return self
+
+    def repo_path(self, file: HubFile) -> str:
+        """The file's path inside the repo."""
+        return f"{self.subfolder}/{file.path}" if self.subfolder else file.path
 
 
 class ConvertSource(_Strict):
@@ -100,8 +127,15 @@ class ConvertSource(_Strict):
 
 
 class LocalSource(_Strict):
+    """A file (GGUF) or folder (ONNX GenAI) the user registered; it stays where it is."""
+
     kind: Literal["local"] = "local"
-    path: str
+    path: str = Field(description="Absolute path, normalised (no '.' or '..' components).")
+
+    @field_validator("path")
+    @classmethod
+    def _safe(cls, value: str) -> str:
+        return check_registered_path(value)
 
 
 Source = Annotated[
@@ -119,9 +153,16 @@ class Variant(_Strict):
     )
     precision: str
     source: Source
-    size_bytes: int | None = Field(None, gt=0)
+    size_bytes: int | None = Field(
+        None, gt=0, description="Download size for display (may be rounded); exact sizes live in the source."
+    )
     context_length: int | None = Field(None, gt=0)
     chat_template: str | None = Field(None, description="Overrides the template in the model file.")
+
+    @field_validator("name")
+    @classmethod
+    def _no_dotdot(cls, value: str) -> str:
+        return _plain_name(value)
 
     @property
     def id(self) -> str:
@@ -139,6 +180,11 @@ class CatalogModel(_Strict):
     supports_tool_calling: bool = False
     description: str | None = None
     variants: list[Variant] = Field(min_length=1)
+
+    @field_validator("alias", "publisher")
+    @classmethod
+    def _no_dotdot(cls, value: str) -> str:
+        return _plain_name(value)
 
     @model_validator(mode="after")
     def _unique_variants(self) -> CatalogModel:
@@ -203,6 +249,19 @@ class Catalog:
             if path is not None and path.is_file():
                 models.extend(read_catalog_file(path).models)
         return cls(models)
+
+
+USER_CATALOG_NAME = "catalog.json"
+
+
+def user_catalog_path(cache_dir: Path) -> Path:
+    """The user's own catalog entries (``model register`` writes here)."""
+    return cache_dir / USER_CATALOG_NAME
+
+
+def load_catalog(cache_dir: Path, extra: Path | None = None) -> Catalog:
+    """Shipped catalog, then the user catalog in ``cache_dir``, then ``extra`` (later wins)."""
+    return Catalog.load(user_catalog_path(cache_dir), extra)
 
 
 def shipped_catalog_path() -> Path:

@@ -7,6 +7,7 @@ the resolved result (symlinks followed) must stay under the root.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 from ..errors import UnsafePathError
@@ -21,8 +22,8 @@ def check_relative_path(value: str, *, single_component: bool = False) -> str:
     pure = PurePosixPath(value)
     if pure.is_absolute():
         raise UnsafePathError("path must be relative")
-    parts = pure.parts
-    if any(p in ("..", ".", "") for p in parts) or value.endswith("/"):
+    parts = value.split("/")  # not pure.parts: PurePosixPath drops "." and empty components
+    if any(p in ("..", ".", "") for p in parts):
         raise UnsafePathError("path must not contain '.' or '..' components")
     if single_component and len(parts) != 1:
         raise UnsafePathError("a file name must not contain '/'")
@@ -45,3 +46,34 @@ def ensure_within(root: Path, candidate: Path) -> Path:
     if resolved != root_resolved and root_resolved not in resolved.parents:
         raise UnsafePathError("path escapes the cache directory")
     return candidate
+
+
+def check_registered_path(value: str) -> str:
+    """Validate a path a user registers as a model: absolute, normalised, no NUL.
+
+    Callers (the CLI) resolve what the user typed first; anything that still holds ``.`` or
+    ``..`` components, a NUL byte or a relative form did not come from a resolved path.
+    """
+    if not value or "\x00" in value:
+        raise UnsafePathError("path must be non-empty and contain no NUL byte")
+    if not os.path.isabs(value):
+        raise UnsafePathError("a registered path must be absolute")
+    if any(p in ("..", ".") for p in value.replace("\\", "/").split("/")):
+        raise UnsafePathError("a registered path must not contain '.' or '..' components")
+    return value
+
+
+def check_no_escaping_symlinks(folder: Path) -> None:
+    """Raise if any entry below ``folder`` is a symlink that resolves outside it.
+
+    A registered or downloaded model folder is read by engines that follow links; a link to
+    ``/etc`` or another user's files inside it would let a model "file" read anything.
+    """
+    root = folder.resolve()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in (*dirnames, *filenames):
+            entry = Path(dirpath) / name
+            if entry.is_symlink():
+                target = entry.resolve()
+                if target != root and root not in target.parents:
+                    raise UnsafePathError("a symlink in the model folder points outside it")

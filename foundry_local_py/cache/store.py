@@ -6,9 +6,12 @@ downloaded here; see :mod:`.download`.
 
 Layout under the cache root (``FOUNDRY_LOCAL_CACHE``)::
 
-    <root>/<publisher>/<variant-name>/...      one folder per variant, complete or absent
+    <root>/<publisher>/<variant-name>/...      one folder per variant; complete iff manifest.json
+    <root>/.staging/<publisher>/<variant-name>/ downloads in progress (resumable partial files)
+    <root>/.trash/                             folders being deleted (renamed here first)
     <root>/.locks/                             cross-process locks
     <root>/.verified.json                      sha256 memo keyed by (path, size, mtime)
+    <root>/catalog.json                        the user's catalog entries
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import IntegrityError, ModelNotFoundError
+from ..errors import IntegrityError, InvalidRequestError, ModelNotFoundError
 from .catalog import (
     CatalogModel,
     ConvertSource,
@@ -31,10 +34,13 @@ from .catalog import (
     PackageSource,
     Variant,
 )
-from .layout import safe_join
+from .layout import check_no_escaping_symlinks, check_registered_path, safe_join
 from .manifest import Manifest, read_manifest
 
 HASH_CHUNK = 4 * 1024 * 1024
+STAGING_DIR = ".staging"
+TRASH_DIR = ".trash"
+GGUF_MAGIC = b"GGUF"
 
 
 def sha256_file(path: Path) -> str:
@@ -45,6 +51,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_local_model(path: Path, fmt: str) -> None:
+    """A registered model must look like its format: a GGUF file, or an ONNX GenAI folder.
+
+    Symlinks are followed for the path itself (the user chose it) but a folder must not hold
+    links that lead outside it.
+    """
+    if fmt == "gguf":
+        if not path.is_file():
+            raise InvalidRequestError("a GGUF model must be a file")
+        with path.open("rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise InvalidRequestError("the file is not a GGUF model (bad magic bytes)")
+    else:
+        if not path.is_dir():
+            raise InvalidRequestError("an ONNX model must be a folder")
+        if not (path / "genai_config.json").is_file():
+            raise InvalidRequestError("an ONNX model folder needs a genai_config.json")
+        check_no_escaping_symlinks(path)
+
+
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -53,6 +79,17 @@ class ModelStore:
 
     def variant_dir(self, model: CatalogModel, variant: Variant) -> Path:
         return safe_join(self.root, model.publisher, variant.name)
+
+    def staging_dir(self, model: CatalogModel, variant: Variant) -> Path:
+        """Where a download of the variant collects its files before they are installed."""
+        return safe_join(self.root, STAGING_DIR, model.publisher, variant.name)
+
+    def trash_dir(self) -> Path:
+        return self.root / TRASH_DIR
+
+    def download_lock(self, variant: Variant, timeout: float = -1) -> FileLock:
+        """The cross-process lock held while a variant is downloaded, verified or removed."""
+        return self.lock(f"variant-{variant.name}", timeout=timeout)
 
     def lock(self, key: str, timeout: float = -1) -> FileLock:
         locks = self.root / ".locks"
@@ -74,27 +111,43 @@ class ModelStore:
         if isinstance(source, PackageSource):
             return self._resolve_package(model, variant, source, verify=verify)
         if isinstance(source, HuggingFaceSource):
-            return self._resolve_hub(model, variant, source)
+            return self._resolve_hub(model, variant, source, verify=verify)
         if isinstance(source, ConvertSource):
             return self._resolve_converted(model, variant, source)
         if isinstance(source, LocalSource):
-            return self._resolve_local(model, variant, source)
+            return self._resolve_local(model, variant, source, verify=verify)
         raise ModelNotFoundError(variant.id)  # pragma: no cover - exhaustive
 
     def manifest(self, model: CatalogModel, variant: Variant) -> Manifest | None:
         """The manifest of a complete cached variant folder (downloads and conversions)."""
         return read_manifest(self.variant_dir(model, variant))
 
-    def _from_manifest(self, model: CatalogModel, variant: Variant, hint: str) -> Path:
+    def _from_manifest(
+        self, model: CatalogModel, variant: Variant, hint: str, *, check_files: bool = False
+    ) -> Path:
         folder = self.variant_dir(model, variant)
         manifest = read_manifest(folder)
         if manifest is None:
             raise ModelNotFoundError(variant.id, detail=hint)
+        if check_files:
+            # Cheap completeness check (existence and size); 'cache verify' re-hashes.
+            for f in manifest.files:
+                path = safe_join(folder, f.path)
+                if not path.is_file() or path.stat().st_size != f.size:
+                    raise ModelNotFoundError(
+                        variant.id,
+                        detail="Its cached files are missing or damaged; run 'foundry-local cache verify'.",
+                    )
         return safe_join(folder, manifest.entry) if manifest.entry else folder
 
-    def _resolve_hub(self, model: CatalogModel, variant: Variant, source: HuggingFaceSource) -> Path:
+    def _resolve_hub(
+        self, model: CatalogModel, variant: Variant, source: HuggingFaceSource, *, verify: bool = True
+    ) -> Path:
         return self._from_manifest(
-            model, variant, f"It is not in the cache; run 'foundry-local model download {model.alias}'."
+            model,
+            variant,
+            f"It is not in the cache; run 'foundry-local model download {model.alias}'.",
+            check_files=verify,
         )
 
     def _resolve_converted(self, model: CatalogModel, variant: Variant, source: ConvertSource) -> Path:
@@ -103,10 +156,14 @@ class ModelStore:
             f"It has not been built yet; run 'foundry-local model download {variant.name}'.",
         )
 
-    def _resolve_local(self, model: CatalogModel, variant: Variant, source: LocalSource) -> Path:
-        path = Path(source.path).expanduser()
+    def _resolve_local(
+        self, model: CatalogModel, variant: Variant, source: LocalSource, *, verify: bool = True
+    ) -> Path:
+        path = Path(check_registered_path(source.path))
         if not path.exists():
             raise ModelNotFoundError(variant.id, detail="Its registered path no longer exists.")
+        if verify:
+            check_local_model(path, variant.format)
         return path
 
     def _resolve_package(

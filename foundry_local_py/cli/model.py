@@ -1,7 +1,204 @@
-"""`foundry-local model ...` commands."""
+"""`foundry-local model ...` commands: list, info, download, register.
+
+Each command is a self-contained function; ``run``/``load``/``unload`` live beside them later.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from ..cache.acquire import Progress, ensure_variant
+from ..cache.catalog import CatalogModel, HuggingFaceSource, PackageSource, Variant
+from ..cache.inventory import fallback_variant
+from ..cache.registry import register_local
+from ..cache.store import ModelStore
+from ..config import Settings
+from .common import cli_errors, console, human_size, load_context
 
 app = typer.Typer(no_args_is_help=True)
+
+
+def loaded_variant_ids(settings: Settings) -> set[str] | None:
+    """Variant ids loaded in a running service, or None when that is unknown.
+
+    Hook for the 'loaded?' column: ask the service (``GET /openai/loadedmodels``) here once it
+    exists. None shows '?' rather than a guess.
+    """
+    return None
+
+
+def pick_variant(store: ModelStore, model: CatalogModel) -> Variant:
+    """The variant this machine would use for an alias.
+
+    Uses ``foundry_local_py.cache.inventory.fallback_variant`` (usable-now first, then CPU, GGUF
+    before ONNX) until hardware-aware selection is wired in here.
+    """
+    return fallback_variant(store, model)
+
+
+def _device(variant: Variant) -> str:
+    provider = variant.execution_provider.removesuffix("ExecutionProvider").lower()
+    return variant.device if provider == variant.device else f"{variant.device}/{provider}"
+
+
+def _cached_size(store: ModelStore, model: CatalogModel, variant: Variant) -> int | None:
+    manifest = store.manifest(model, variant)
+    if manifest is not None:
+        return manifest.total_size
+    if isinstance(variant.source, PackageSource):
+        return variant.source.size
+    return variant.size_bytes
+
+
+@app.command("list")
+def list_models() -> None:
+    """List catalog models with their variants, device, size and whether they are cached."""
+    with cli_errors():
+        ctx = load_context()
+        loaded = loaded_variant_ids(ctx.settings)
+        table = Table(title="Models", show_lines=False)
+        table.add_column("Alias", no_wrap=True)
+        table.add_column("Variant", overflow="fold")
+        table.add_column("Device", no_wrap=True)
+        table.add_column("Size", justify="right", no_wrap=True)
+        table.add_column("Cached")
+        table.add_column("Loaded")
+        for model in ctx.catalog.models:
+            for i, variant in enumerate(model.variants):
+                available = ctx.store.is_available(model, variant)
+                is_loaded = "?" if loaded is None else ("yes" if variant.id in loaded else "")
+                table.add_row(
+                    model.alias if i == 0 else "",
+                    variant.id,
+                    _device(variant),
+                    human_size(_cached_size(ctx.store, model, variant)),
+                    "yes" if available else "",
+                    is_loaded,
+                )
+        console().print(table)
+
+
+@app.command("info")
+def info(
+    alias: Annotated[str, typer.Argument(help="Model alias or variant id.")],
+    license_text: Annotated[bool, typer.Option("--license", help="Show the license only.")] = False,
+) -> None:
+    """Show a model's details and the variant this machine would use."""
+    with cli_errors():
+        ctx = load_context()
+        model, fixed = ctx.catalog.lookup(alias)
+        out = console()
+        if license_text:
+            extra = f": {model.license_description}" if model.license_description else ""
+            out.print(f"{model.license}{extra}")
+            return
+        chosen = fixed or pick_variant(ctx.store, model)
+        out.print(f"[bold]{model.display_name}[/bold] ({model.alias})")
+        out.print(f"  publisher:     {model.publisher}")
+        out.print(f"  task:          {model.task}")
+        out.print(f"  license:       {model.license}")
+        out.print(f"  context:       {model.context_length} tokens")
+        out.print(f"  tool calling:  {'yes' if model.supports_tool_calling else 'no'}")
+        if model.description:
+            out.print(f"  about:         {model.description}")
+        table = Table(show_lines=False)
+        table.add_column("Variant", overflow="fold")
+        for column in ("Format", "Device", "Precision", "Size", "Source", "Cached"):
+            table.add_column(column, overflow="fold")
+        for variant in model.variants:
+            source = variant.source
+            if isinstance(source, HuggingFaceSource):
+                where = f"hf:{source.repo}@{source.revision[:12]}"
+            elif isinstance(source, PackageSource):
+                where = f"pip:{source.distribution}"
+            else:
+                where = source.kind
+            table.add_row(
+                ("* " if variant is chosen else "  ") + variant.id,
+                variant.format,
+                _device(variant),
+                variant.precision,
+                human_size(_cached_size(ctx.store, model, variant)),
+                where,
+                "yes" if ctx.store.is_available(model, variant) else "",
+            )
+        out.print(table)
+        out.print(f"Selected on this machine: [bold]{chosen.id}[/bold]")
+
+
+@app.command("download")
+def download(
+    alias: Annotated[str, typer.Argument(help="Model alias or variant id.")],
+    force: Annotated[bool, typer.Option("--force", help="Download again even if cached.")] = False,
+) -> None:
+    """Download a model's variant into the cache (resumes an interrupted download)."""
+    with cli_errors():
+        ctx = load_context()
+        model, fixed = ctx.catalog.lookup(alias)
+        variant = fixed or pick_variant(ctx.store, model)
+        out = console()
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with RichProgress(*columns, console=out, transient=False) as bar:
+            task: TaskID = bar.add_task(variant.id, total=None)
+
+            def report(p: Progress) -> None:
+                label = {"wait": "waiting", "verify": "verifying", "convert": "building"}.get(p.stage)
+                description = f"{variant.id} ({label})" if label else variant.id
+                bar.update(task, description=description, completed=p.done_bytes, total=p.total_bytes)
+
+            path = ensure_variant(ctx.store, ctx.catalog, model, variant, progress=report, force=force)
+        size = path.stat().st_size if path.is_file() else None
+        out.print(f"Ready: {variant.id}" + (f" ({human_size(size)})" if size else ""))
+
+
+@app.command("register")
+def register(  # noqa: PLR0917 - typer maps parameters to CLI arguments and options
+    path: Annotated[Path, typer.Argument(help="A GGUF file or an ONNX GenAI folder.")],
+    alias: Annotated[str, typer.Option("--alias", help="Name to use for the model.")],
+    fmt: Annotated[str | None, typer.Option("--format", help="gguf or onnx (detected when omitted).")] = None,
+    context_length: Annotated[int, typer.Option("--context-length", min=64)] = 4096,
+    completion_only: Annotated[
+        bool, typer.Option("--completion-only", help="A base model without a chat template.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model with the same alias.")] = False,
+) -> None:
+    """Register a local model file or folder under an alias (it stays where it is)."""
+    with cli_errors():
+        if fmt not in (None, "gguf", "onnx"):
+            raise typer.BadParameter("--format must be gguf or onnx")
+        ctx = load_context()
+        if "\x00" in str(path):
+            from ..errors import UnsafePathError
+
+            raise UnsafePathError("path must contain no NUL byte")
+        resolved = path.expanduser().resolve()
+        model = register_local(
+            ctx.settings.cache_dir,
+            resolved,
+            alias,
+            fmt=fmt,  # type: ignore[arg-type]
+            catalog=ctx.catalog,
+            context_length=context_length,
+            chat=not completion_only,
+            replace=force,
+        )
+        console().print(f"Registered [bold]{model.alias}[/bold] ({model.variants[0].id})")
