@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     # --- engine --------------------------------------------------------------------------
     n_threads: int = Field(default_factory=physical_cores, ge=1, description="Threads for decode.")
     n_ctx: int | None = Field(
-        None, ge=64, description="Context size per model (default: the model's, capped at 8192)."
+        None, ge=64, description="Context per request (default: the model's, capped at 4096)."
     )
     max_batch_size: int = Field(4, ge=1, le=64, description="Sequences decoded together per model.")
 

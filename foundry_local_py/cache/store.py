@@ -188,7 +188,10 @@ class ModelStore:
         if target.is_file() and (not verify or self._verified(target, source.size, source.sha256)):
             return target
         if not verify:
-            raise ModelNotFoundError(variant.id, detail="It has not been assembled yet.")
+            # Installed but not yet concatenated: available, assembled on first verified resolve.
+            if all(p.is_file() for p in parts):
+                return target
+            raise ModelNotFoundError(variant.id, detail="Its package is incomplete; reinstall it.")
         with self.lock(variant.id):
             if target.is_file() and self._verified(target, source.size, source.sha256):
                 return target

@@ -1,7 +1,34 @@
-"""``foundry-local bench``."""
+"""``foundry-local bench``: load an OpenAI-compatible endpoint; ``--vs-peer`` adds llama_cpp.server."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
 
-def bench() -> None:
-    raise NotImplementedError
+import typer
+
+from ..config import DEFAULT_MODEL, physical_cores
+
+
+def bench(  # noqa: PLR0917 - one parameter per flag
+    model: Annotated[str, typer.Option("--model", "-m")] = DEFAULT_MODEL,
+    base_url: Annotated[str | None, typer.Option(help="Bench this endpoint instead of starting ours")] = None,
+    requests: Annotated[int, typer.Option(help="Requests per concurrency level")] = 16,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated levels")] = "1,4,8",
+    max_tokens: Annotated[int, typer.Option()] = 64,
+    vs_peer: Annotated[bool, typer.Option("--vs-peer", help="Also run python -m llama_cpp.server")] = False,
+    gguf: Annotated[Path | None, typer.Option(help="GGUF file for the peer and the ceiling")] = None,
+    no_ceiling: Annotated[bool, typer.Option("--no-ceiling")] = False,
+    n_threads: Annotated[int | None, typer.Option()] = None,
+    api_key: Annotated[str | None, typer.Option()] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON")] = None,
+    server_arg: Annotated[list[str] | None, typer.Option(help="Extra flag for our server")] = None,
+) -> None:
+    from ..bench.run import BenchConfig, run
+
+    run(BenchConfig(
+        model=model, base_url=base_url, gguf=gguf, requests=requests,
+        concurrency=[int(c) for c in concurrency.split(",") if c.strip()], max_tokens=max_tokens,
+        vs_peer=vs_peer, ceiling=not no_ceiling, n_threads=n_threads or physical_cores(),
+        api_key=api_key, json_path=json_out, server_args=server_arg or [],
+    ))

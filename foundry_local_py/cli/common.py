@@ -24,7 +24,7 @@ class CliContext:
 
 def load_context(settings: Settings | None = None) -> CliContext:
     """Settings from flags/env, the store at the cache folder, the merged catalog."""
-    settings = settings or Settings()  # type: ignore[call-arg]  # fields come from env and defaults
+    settings = settings or Settings()  # fields come from env and defaults
     return CliContext(
         settings=settings,
         store=ModelStore(settings.cache_dir),

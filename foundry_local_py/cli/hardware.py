@@ -43,7 +43,7 @@ def hardware(
         typer.Option("--verify", help="Also start a one-node onnxruntime session on each provider."),
     ] = False,
 ) -> None:
-    settings = Settings()  # type: ignore[call-arg]  # fields come from the environment
+    settings = Settings()  # fields come from the environment
     store = ModelStore(settings.cache_dir)
     err = Console(stderr=True)
     try:

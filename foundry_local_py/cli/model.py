@@ -1,6 +1,7 @@
-"""`foundry-local model ...` commands: list, info, download, register.
+"""`foundry-local model ...` commands: list, info, download, register, run, load, unload.
 
-Each command is a self-contained function; ``run``/``load``/``unload`` live beside them later.
+``run``, ``load`` and ``unload`` talk to the background service (started on demand, as Foundry
+Local's ``foundry model run`` does); the others work on the cache directly.
 """
 
 from __future__ import annotations
@@ -26,27 +27,38 @@ from ..cache.inventory import fallback_variant
 from ..cache.registry import register_local
 from ..cache.store import ModelStore
 from ..config import Settings
-from .common import cli_errors, console, human_size, load_context
+from ..errors import FoundryError, ModelNotFoundError
+from ..hardware import cached_variant_ids, degraded_variant_ids, detect_hardware, evaluate_variants
+from ..sdk.client import ServiceClient
+from ..sdk.service import ServiceInfo, find_service, start_service
+from .common import cli_errors, console, err_console, human_size, load_context
 
 app = typer.Typer(no_args_is_help=True)
 
 
 def loaded_variant_ids(settings: Settings) -> set[str] | None:
-    """Variant ids loaded in a running service, or None when that is unknown.
+    """Variant ids loaded in the running service; empty when no service runs, None if unknown."""
+    info = find_service(settings)
+    if info is None:
+        return set()
+    try:
+        return {m["name"] for m in ServiceClient(info.base_url, api_key=settings.api_key_value()
+                                                 ).loaded_models()}
+    except FoundryError:
+        return None
 
-    Hook for the 'loaded?' column: ask the service (``GET /openai/loadedmodels``) here once it
-    exists. None shows '?' rather than a guess.
-    """
-    return None
 
-
-def pick_variant(store: ModelStore, model: CatalogModel) -> Variant:
-    """The variant this machine would use for an alias.
-
-    Uses ``foundry_local_py.cache.inventory.fallback_variant`` (usable-now first, then CPU, GGUF
-    before ONNX) until hardware-aware selection is wired in here.
-    """
-    return fallback_variant(store, model)
+def pick_variant(store: ModelStore, model: CatalogModel, *, settings: Settings | None = None,
+                 prefer_cached: bool = True) -> Variant:
+    """The variant this machine would use for an alias: the hardware-aware choice (Foundry
+    Local's priority, fidelity, memory), falling back to the simple ranking when none fits."""
+    s = settings or Settings()
+    choice = evaluate_variants(
+        model, detect_hardware(), cached=cached_variant_ids(model, store),
+        degraded=degraded_variant_ids(model, store), device=s.device, ep=s.ep,
+        prefer_cached=prefer_cached,
+    )
+    return choice.variant or fallback_variant(store, model)
 
 
 def _device(variant: Variant) -> str:
@@ -105,7 +117,7 @@ def info(
             extra = f": {model.license_description}" if model.license_description else ""
             out.print(f"{model.license}{extra}")
             return
-        chosen = fixed or pick_variant(ctx.store, model)
+        chosen = fixed or pick_variant(ctx.store, model, settings=ctx.settings)
         out.print(f"[bold]{model.display_name}[/bold] ({model.alias})")
         out.print(f"  publisher:     {model.publisher}")
         out.print(f"  task:          {model.task}")
@@ -148,7 +160,7 @@ def download(
     with cli_errors():
         ctx = load_context()
         model, fixed = ctx.catalog.lookup(alias)
-        variant = fixed or pick_variant(ctx.store, model)
+        variant = fixed or pick_variant(ctx.store, model, settings=ctx.settings, prefer_cached=False)
         out = console()
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -202,3 +214,119 @@ def register(  # noqa: PLR0917 - typer maps parameters to CLI arguments and opti
             replace=force,
         )
         console().print(f"Registered [bold]{model.alias}[/bold] ({model.variants[0].id})")
+
+
+# --- commands served by the background service -------------------------------------------------
+
+
+def _service(settings: Settings, *, start: bool = True) -> tuple[ServiceInfo, ServiceClient]:
+    info = find_service(settings)
+    if info is None:
+        if not start:
+            raise ModelNotFoundError("service", detail="The service is not running.")
+        err_console().print("Starting the service ...")
+        info = start_service(settings)
+    return info, ServiceClient(info.base_url, api_key=settings.api_key_value(), timeout=None)
+
+
+def _load(client: ServiceClient, name: str, *, ttl: float | None, ep: str | None) -> dict[str, object]:
+    """Load ``name`` in the service, downloading it first when it is not cached."""
+    try:
+        return client.load(name, ttl=ttl, ep=ep)
+    except ModelNotFoundError as exc:
+        if "download" not in exc.message:
+            raise
+    err_console().print(f"Downloading {name} ...")
+    client.download(name, on_progress=lambda line: err_console().print(line))
+    return client.load(name, ttl=ttl, ep=ep)
+
+
+@app.command("load")
+def load(
+    alias: Annotated[str, typer.Argument(help="Model alias or variant id.")],
+    ttl: Annotated[float | None, typer.Option(help="Unload after this many idle seconds.")] = None,
+    ep: Annotated[str | None, typer.Option(help="Execution provider (cpu, cuda, dml, ...).")] = None,
+) -> None:
+    """Load a model into the service (downloading it if needed)."""
+    with cli_errors():
+        ctx = load_context()
+        _, client = _service(ctx.settings)
+        result = _load(client, alias, ttl=ttl, ep=ep)
+        console().print(f"Loaded {result['name']} in {result['loadSeconds']}s")
+
+
+@app.command("unload")
+def unload(
+    alias: Annotated[str, typer.Argument(help="Model alias or variant id.")],
+    force: Annotated[bool, typer.Option("--force", help="Unload even while it serves requests.")] = False,
+) -> None:
+    """Unload a model from the service."""
+    with cli_errors():
+        ctx = load_context()
+        _, client = _service(ctx.settings, start=False)
+        result = client.unload(alias, force=force)
+        console().print(f"Unloaded {result['name']}")
+
+
+@app.command("run")
+def run(  # noqa: PLR0917 - typer maps parameters to CLI arguments and options
+    alias: Annotated[str, typer.Argument(help="Model alias or variant id.")],
+    prompt: Annotated[str | None, typer.Argument(help="Answer this one prompt and exit.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, max=2.0)] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    ttl: Annotated[float | None, typer.Option(help="Unload after this many idle seconds.")] = None,
+    ep: Annotated[str | None, typer.Option(help="Execution provider (cpu, cuda, dml, ...).")] = None,
+) -> None:
+    """Chat with a model in the terminal (streams as it generates); with PROMPT, answer once."""
+    with cli_errors():
+        ctx = load_context()
+        model, _ = ctx.catalog.lookup(alias)
+        _, client = _service(ctx.settings)
+        _load(client, alias, ttl=ttl, ep=ep)
+        sampling: dict[str, object] = {"model": alias}
+        if temperature is not None:
+            sampling["temperature"] = temperature
+        if max_tokens is not None:
+            sampling["max_tokens"] = max_tokens
+        if not model.chat:
+            if prompt is None:
+                raise typer.BadParameter(f"'{alias}' is a completion model: give a PROMPT to continue")
+            for chunk in client.stream("/v1/completions", {**sampling, "prompt": prompt}):
+                for choice in chunk.get("choices", []):
+                    typer.echo(choice.get("text", ""), nl=False)
+            typer.echo()
+            return
+        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        if prompt is not None:
+            _chat_turn(client, sampling, history, prompt)
+            return
+        err_console().print(f"Chatting with {alias}. Type /exit to quit, /clear to forget the chat.")
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                typer.echo()
+                return
+            text = line.strip()
+            if text in ("/exit", "/quit", "/bye"):
+                return
+            if text == "/clear":
+                history = history[:1] if system else []
+                continue
+            if text:
+                _chat_turn(client, sampling, history, text)
+
+
+def _chat_turn(client: ServiceClient, sampling: dict[str, object], history: list[dict[str, str]],
+               text: str) -> None:
+    history.append({"role": "user", "content": text})
+    parts: list[str] = []
+    for chunk in client.stream("/v1/chat/completions", {**sampling, "messages": history}):
+        for choice in chunk.get("choices", []):
+            piece = (choice.get("delta") or {}).get("content") or ""
+            if piece:
+                parts.append(piece)
+                typer.echo(piece, nl=False)
+    typer.echo()
+    history.append({"role": "assistant", "content": "".join(parts)})

@@ -28,7 +28,7 @@ def load_engine(fmt: str, path: Path, options: EngineOptions) -> Engine:
                 n_threads=options.n_threads,
                 n_ctx=options.n_ctx,
                 max_batch=options.max_batch,
-                n_gpu_layers=-1 if options.execution_provider == "cuda" else 0,
+                n_gpu_layers=0 if options.execution_provider == "cpu" else -1,
             ),
         )
     if fmt == "onnx":

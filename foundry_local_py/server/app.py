@@ -17,7 +17,7 @@ from ..protocol.completions import CompletionRequest
 from .errors import install_error_handlers
 from .middleware import GuardMiddleware
 from .routes import foundry, health, openai
-from .state import Core, build_core
+from .state import Core, EngineLoader, build_core
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,13 @@ async def _preload(core: Core) -> None:
         core.preloading = False
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader | None = None) -> FastAPI:
+    """The application. ``engine_loader`` replaces the engine factory (tests with fake engines)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        core = build_core(settings)
+        core = build_core(settings, engine_loader=engine_loader)
         app.state.core = core
         core.manager.start()
         preload: asyncio.Task[None] | None = None

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -26,14 +26,24 @@ from ..config import Settings
 from ..engines.base import Engine
 from ..engines.chat_format import ChatFormatter
 from ..engines.factory import EngineOptions, load_engine
-from ..errors import ConflictError, FoundryError, InvalidRequestError, ModelLoadError, ModelNotFoundError
+from ..errors import ConflictError, FoundryError, ModelLoadError, ModelNotFoundError
+from ..hardware import (
+    HardwareInventory,
+    VariantChoice,
+    cached_variant_ids,
+    choose_variant,
+    degraded_variant_ids,
+    normalize_ep,
+    refresh_memory,
+)
 from ..scheduler.scheduler import Scheduler
 from .metrics import Metrics, ModelState
 
 log = logging.getLogger(__name__)
 
-EngineLoader = Callable[[str, "anyio.Path | object", EngineOptions], Engine]
-
+DEFAULT_CTX_CAP = 4096
+"""Context per sequence unless --n-ctx says otherwise (Ollama's default): the KV cache holds
+``max_batch`` of these, so the model's full 8k-32k would cost hundreds of MB per small model."""
 
 @dataclass
 class LoadedModel:
@@ -44,6 +54,7 @@ class LoadedModel:
     formatter: ChatFormatter | None
     ttl_s: float | None
     """Idle time before unloading; None: kept until unloaded explicitly."""
+    engine_ep: str = "cpu"
     loaded_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
@@ -68,11 +79,6 @@ class LoadedModel:
         return stats.running + stats.waiting > 0
 
 
-def _short_ep(variant: Variant) -> str:
-    ep = variant.execution_provider.lower().replace("executionprovider", "")
-    return {"dml": "dml", "cuda": "cuda", "tensorrt": "cuda", "webgpu": "webgpu", "qnn": "qnn"}.get(ep, ep)
-
-
 class ModelManager:
     def __init__(
         self,
@@ -80,10 +86,12 @@ class ModelManager:
         catalog: Catalog,
         store: ModelStore,
         metrics: Metrics,
+        inventory: HardwareInventory,
         *,
         engine_loader: Callable[..., Engine] = load_engine,
     ) -> None:
         self.settings = settings
+        self.inventory = inventory
         self.catalog = catalog
         self.store = store
         self.metrics = metrics
@@ -116,22 +124,26 @@ class ModelManager:
             yield ModelState(lm.alias, lm.engine.info.engine, lm.engine.info.device, stats.running,
                              stats.waiting)
 
-    def choose_variant(self, model: CatalogModel, *, ep: str | None = None) -> Variant:
-        """The variant this machine runs for ``model``: cached first, CPU-capable."""
-        candidates = list(model.variants)
-        if ep:
-            want = ep.lower().replace("executionprovider", "")
-            candidates = [v for v in candidates if _short_ep(v) == want]
-            if not candidates:
-                raise InvalidRequestError(
-                    f"model '{model.alias}' has no variant for execution provider '{ep}'", param="ep"
-                )
-        available = [v for v in candidates if v.device == "cpu" and self.store.is_available(model, v)]
-        if available:
-            return max(available, key=lambda v: v.version)
-        raise ModelNotFoundError(
-            model.alias,
-            detail=f"No variant is in the cache; run 'foundry-local model download {model.alias}'.",
+    def choose(
+        self, model: CatalogModel, *, ep: str | None = None, requested: str | None = None,
+        exclude: Collection[str] = frozenset(),
+    ) -> VariantChoice:
+        """The variant this machine runs for ``model``, among those already in the cache."""
+        cached = cached_variant_ids(model, self.store)
+        if not cached:
+            raise ModelNotFoundError(
+                model.alias,
+                detail=f"No variant is in the cache; run 'foundry-local model download {model.alias}'.",
+            )
+        uncached = {v.id for v in model.variants} - cached
+        if requested is not None and requested in uncached:
+            raise ModelNotFoundError(
+                requested, detail=f"It is not in the cache; run 'foundry-local model download {requested}'.")
+        return choose_variant(
+            model, refresh_memory(self.inventory), cached=cached,
+            degraded=degraded_variant_ids(model, self.store),
+            device=self.settings.device, ep=ep or self.settings.ep, requested=requested,
+            exclude={*exclude, *uncached},
         )
 
     # --- loading ----------------------------------------------------------------------------
@@ -139,7 +151,7 @@ class ModelManager:
     async def get(self, name: str, *, ep: str | None = None, ttl: float | None = None) -> LoadedModel:
         """The loaded model for ``name``, loading it on demand (404 for unknown names)."""
         lm = self.find_loaded(name)
-        if lm is not None and (ep is None or _short_ep(lm.variant) == ep.lower()):
+        if lm is not None and (ep is None or normalize_ep(ep) in (None, lm.engine_ep)):
             if ttl is not None:
                 lm.ttl_s = ttl or None
             lm.touch()
@@ -150,7 +162,8 @@ class ModelManager:
         self, name: str, *, ep: str | None = None, ttl: float | None = None, pinned: bool = False
     ) -> LoadedModel:
         model, fixed = self.catalog.lookup(name)
-        variant = fixed or self.choose_variant(model, ep=ep)
+        choice = self.choose(model, ep=ep, requested=fixed.id if fixed else None)
+        variant = choice.require()
         if variant.id in self._loaded:
             lm = self._loaded[variant.id]
             lm.touch()
@@ -161,7 +174,7 @@ class ModelManager:
             self._loading[variant.id] = future
             try:
                 default_ttl = None if pinned else (self.settings.model_ttl_s or None)
-                lm = await self._load_new(model, variant, ttl if ttl is not None else default_ttl,
+                lm = await self._load_new(model, choice, ttl if ttl is not None else default_ttl,
                                           allow_fallback=fixed is None, ep=ep)
                 future.set_result(lm)
             except BaseException as exc:
@@ -174,48 +187,50 @@ class ModelManager:
         return await asyncio.shield(future)
 
     async def _load_new(
-        self, model: CatalogModel, variant: Variant, ttl: float | None, *, allow_fallback: bool,
+        self, model: CatalogModel, choice: VariantChoice, ttl: float | None, *, allow_fallback: bool,
         ep: str | None,
     ) -> LoadedModel:
-        tried: set[str] = set()
+        """Load the chosen variant; if it fails to initialise, fall back to the next choice."""
+        failed: set[str] = set()
         while True:
+            variant = choice.require()
+            engine_ep = choice.engine_ep or "cpu"
             await self._make_room(variant)
             started = time.monotonic()
             try:
-                lm = await anyio.to_thread.run_sync(self._load_sync, model, variant, ttl)
+                lm = await anyio.to_thread.run_sync(self._load_sync, model, variant, engine_ep, ttl)
             except ModelLoadError as exc:
                 self.load_errors[variant.id] = exc.message
-                tried.add(variant.id)
-                nxt = self._fallback(model, tried, ep) if allow_fallback else None
-                if nxt is None:
+                failed.add(variant.id)
+                if not allow_fallback:
                     raise
-                log.warning("variant %s failed to load (%s); falling back to %s",
-                            variant.id, exc.message, nxt.id)
+                try:
+                    choice = self.choose(model, ep=ep, exclude=failed)
+                except FoundryError:
+                    raise exc from None
+                log.warning("variant %s (%s) failed to load: %s; falling back to %s",
+                            variant.id, engine_ep, exc.message, choice.variant_id)
                 self.metrics.provider_fallbacks.labels(model.alias, variant.id).inc()
-                variant = nxt
                 continue
             lm.load_seconds = time.monotonic() - started
             self.metrics.model_load_seconds.labels(model.alias).observe(lm.load_seconds)
             self.load_errors.pop(variant.id, None)
             async with self._lock:
                 self._loaded[variant.id] = lm
-            log.info("loaded %s (%s on %s) in %.2fs", variant.id, lm.engine.info.engine,
-                     lm.engine.info.device, lm.load_seconds)
+            log.info("loaded %s (%s on %s, %s) in %.2fs: %s", variant.id, lm.engine.info.engine,
+                     lm.engine.info.device, engine_ep, lm.load_seconds, choice.reason)
             return lm
 
-    def _fallback(self, model: CatalogModel, tried: set[str], ep: str | None) -> Variant | None:
-        rest = [v for v in model.variants if v.id not in tried and v.device == "cpu"
-                and self.store.is_available(model, v)]
-        return max(rest, key=lambda v: v.version) if rest else None
-
-    def _load_sync(self, model: CatalogModel, variant: Variant, ttl: float | None) -> LoadedModel:
+    def _load_sync(
+        self, model: CatalogModel, variant: Variant, engine_ep: str, ttl: float | None
+    ) -> LoadedModel:
         path = self.store.resolve(model, variant)
         s = self.settings
-        n_ctx = s.n_ctx or min(variant.context_length or model.context_length, 8192)
+        n_ctx = s.n_ctx or min(variant.context_length or model.context_length, DEFAULT_CTX_CAP)
         engine = self._engine_loader(
             variant.format, path,
             EngineOptions(n_threads=s.n_threads, max_batch=s.max_batch_size, n_ctx=n_ctx,
-                          execution_provider=_short_ep(variant)),
+                          execution_provider=engine_ep),
         )
         try:
             spec = engine.chat_template()
@@ -235,7 +250,7 @@ class ModelManager:
         except BaseException:
             engine.close()
             raise
-        return LoadedModel(model, variant, engine, scheduler, formatter, ttl)
+        return LoadedModel(model, variant, engine, scheduler, formatter, ttl, engine_ep)
 
     async def _make_room(self, incoming: Variant) -> None:
         budget = self.settings.memory_budget_bytes or int(psutil.virtual_memory().total * 0.75)

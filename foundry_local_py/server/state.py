@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from ..cache.catalog import Catalog
+from ..cache.catalog import Catalog, load_catalog
+from ..cache.inventory import cache_size_bytes
 from ..cache.store import ModelStore
 from ..config import Settings
+from ..engines.base import Engine
+from ..hardware import HardwareInventory, detect_hardware
 from .metrics import Metrics
 from .model_manager import ModelManager
 from .serving import ServingContext
 from .serving_chat import ChatServing
 from .serving_completions import CompletionServing
+
+CACHE_SIZE_TTL_S = 30.0
+EngineLoader = Callable[..., Engine]
 
 
 @dataclass
@@ -25,19 +33,32 @@ class Core:
     manager: ModelManager
     chat: ChatServing
     completions: CompletionServing
+    inventory: HardwareInventory
     preload_error: str | None = None
     preloading: bool = False
     base_url: str = field(default="")
+    _cache_size: tuple[float, int] | None = None
+
+    def cache_size(self) -> int:
+        """Bytes used by the cache; walked at most every 30 s (scrapes come every few seconds)."""
+        now = time.monotonic()
+        if self._cache_size is None or now - self._cache_size[0] > CACHE_SIZE_TTL_S:
+            self._cache_size = (now, cache_size_bytes(self.store))
+        return self._cache_size[1]
 
 
-def build_core(settings: Settings) -> Core:
-    catalog = Catalog.load(settings.cache_dir / "catalog.json", settings.catalog_path)
+def build_core(settings: Settings, *, engine_loader: EngineLoader | None = None) -> Core:
+    catalog = load_catalog(settings.cache_dir, settings.catalog_path)
     store = ModelStore(settings.cache_dir)
     metrics = Metrics()
-    manager = ModelManager(settings, catalog, store, metrics)
+    inventory = detect_hardware()
+    manager = ModelManager(settings, catalog, store, metrics, inventory,
+                           **({"engine_loader": engine_loader} if engine_loader else {}))
     ctx = ServingContext(settings, manager, metrics)
-    return Core(settings, catalog, store, metrics, manager, ChatServing(ctx), CompletionServing(ctx),
-                base_url=f"http://{settings.host}:{settings.port}")
+    core = Core(settings, catalog, store, metrics, manager, ChatServing(ctx), CompletionServing(ctx),
+                inventory, base_url=f"http://{settings.host}:{settings.port}")
+    metrics.attach_state(manager.states, core.cache_size)
+    return core
 
 
 def get_core(request: Request) -> Core:

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
+from ...cache.acquire import Progress, ensure_variant
 from ...cache.catalog import CatalogModel, Variant
+from ...errors import FoundryError, InvalidRequestError
+from ...hardware import (
+    cached_variant_ids,
+    degraded_variant_ids,
+    evaluate_variants,
+    hardware_report,
+    refresh_memory,
+)
+from ...hardware.report import accelerators
 from ..state import Core, get_core
 
 router = APIRouter()
@@ -35,6 +50,7 @@ async def status(request: Request) -> JSONResponse:
         "ModelDirPath": str(core.settings.cache_dir),
         "PipeName": None,
         "LoadedModels": [lm.id for lm in core.manager.loaded()],
+        "Hardware": {"accelerators": accelerators(core.inventory), **core.inventory.to_dict()},
     })
 
 
@@ -102,3 +118,92 @@ def foundry_entry(model: CatalogModel, variant: Variant) -> dict[str, Any]:
 async def catalog_list(request: Request) -> JSONResponse:
     core = get_core(request)
     return JSONResponse([foundry_entry(m, v) for m in core.catalog.models for v in m.variants])
+
+
+class _ClientGone(Exception):
+    """Raised from the progress callback to stop a download whose client left (kept for resume)."""
+
+
+def _download_target(body: dict[str, Any]) -> str | None:
+    """Foundry Local sends {"model": {"Name": ...}}; also accept {"model": "alias"} and {"Name": ...}."""
+    model = body.get("model", body)
+    if isinstance(model, str):
+        return model
+    if isinstance(model, dict):
+        for key in ("Name", "name", "Alias", "alias"):
+            if isinstance(model.get(key), str):
+                return str(model[key])
+    return None
+
+
+@router.post("/openai/download")
+async def download(request: Request) -> StreamingResponse:
+    """Fetch a model into the cache, streaming progress lines, then ``{"Success", "ErrorMessage"}``."""
+    core = get_core(request)
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else None
+    except ValueError:
+        body = None
+    name = _download_target(body) if isinstance(body, dict) else None
+    if not name:
+        raise InvalidRequestError("the body must name a model: {\"model\": {\"Name\": ...}}", param="model")
+    force = bool(body.get("force", False)) if isinstance(body, dict) else False
+    model, fixed = core.catalog.lookup(name)
+    variant = fixed or evaluate_variants(
+        model, core.inventory, cached=cached_variant_ids(model, core.store),
+        degraded=degraded_variant_ids(model, core.store), device=core.settings.device,
+        ep=core.settings.ep, prefer_cached=False,
+    ).require()
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Progress | BaseException | None] = asyncio.Queue()
+    gone = threading.Event()
+    counter = core.metrics.download_bytes.labels(model.alias)
+
+    def report(p: Progress) -> None:
+        if gone.is_set():
+            raise _ClientGone
+        if p.new_bytes:
+            counter.inc(p.new_bytes)
+        loop.call_soon_threadsafe(queue.put_nowait, p)
+
+    def work() -> None:
+        try:
+            ensure_variant(core.store, core.catalog, model, variant, progress=report, force=force)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+    task = loop.run_in_executor(None, work)
+
+    async def lines() -> AsyncIterator[str]:
+        last_pct = -1.0
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    yield json.dumps({"Success": True, "ErrorMessage": None}) + "\n"
+                    return
+                if isinstance(item, BaseException):
+                    message = item.message if isinstance(item, FoundryError) else "the download failed"
+                    yield json.dumps({"Success": False, "ErrorMessage": message}) + "\n"
+                    return
+                if item.total_bytes:
+                    pct = 100.0 * item.done_bytes / item.total_bytes
+                    if pct - last_pct >= 1.0 or item.stage != "download":
+                        last_pct = pct
+                        yield f"Total {pct:.2f}% {item.stage.capitalize()} {variant.id}\n"
+        finally:
+            gone.set()
+            await asyncio.shield(task)
+
+    return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+
+
+@router.get("/foundry/hardware")
+async def hardware(request: Request) -> JSONResponse:
+    core = get_core(request)
+    report = await anyio.to_thread.run_sync(
+        lambda: hardware_report(refresh_memory(core.inventory), core.catalog, core.store,
+                                device=core.settings.device, ep=core.settings.ep))
+    return JSONResponse(report)

@@ -1,0 +1,187 @@
+"""The benchmark driver behind ``foundry-local bench`` and ``scripts/bench.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .load import LevelResult, run_level, warm_up
+from .servers import ServerProcess, start_llama_cpp_server, start_ours
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"
+    base_url: str | None = None
+    gguf: Path | None = None
+    requests: int = 16
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 8])
+    max_tokens: int = 64
+    vs_peer: bool = False
+    ceiling: bool = True
+    n_threads: int = 2
+    n_ctx: int = 4096
+    api_key: str | None = None
+    json_path: Path | None = None
+    log_dir: Path = Path(".bench-logs")
+    server_args: list[str] = field(default_factory=list)
+
+
+def resolve_gguf(model: str) -> Path:
+    """The GGUF file the catalog gives ``model`` on this machine (for the peer and the ceiling)."""
+    from ..cache.catalog import Catalog
+    from ..cache.store import ModelStore
+    from ..config import Settings
+
+    settings = Settings()
+    catalog = Catalog.load(settings.cache_dir / "catalog.json", settings.catalog_path)
+    store = ModelStore(settings.cache_dir)
+    entry, fixed = catalog.lookup(model)
+    variants = [fixed] if fixed else [v for v in entry.variants if v.format == "gguf"]
+    for v in variants:
+        if v is not None and v.format == "gguf" and store.is_available(entry, v):
+            return store.resolve(entry, v)
+    raise SystemExit(f"no GGUF variant of '{model}' is available locally; pass --gguf")
+
+
+def token_counter(gguf: Path) -> Callable[[str], int]:
+    from llama_cpp import Llama
+
+    vocab = Llama(str(gguf), vocab_only=True, verbose=False)
+
+    def count(text: str) -> int:
+        return len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    return count
+
+
+def machine() -> str:
+    import os
+
+    import psutil
+
+    return (f"{platform.machine()}, {os.cpu_count()} logical cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} {platform.release()}")
+
+
+def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    gguf = cfg.gguf or (resolve_gguf(cfg.model) if (cfg.vs_peer or cfg.ceiling or not cfg.base_url) else None)
+    count = token_counter(gguf) if gguf else (lambda text: len(text.split()))
+    report: dict[str, Any] = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+        "model": cfg.model, "gguf": gguf.name if gguf else None, "requests_per_level": cfg.requests,
+        "max_tokens": cfg.max_tokens, "n_threads": cfg.n_threads, "systems": {},
+    }
+    if cfg.ceiling and gguf:
+        from .ceiling import llama_cpp_decode_tps
+
+        console.print("measuring the in-process llama.cpp decode ceiling ...")
+        report["ceiling_decode_tps"] = round(llama_cpp_decode_tps(gguf, n_threads=cfg.n_threads), 1)
+
+    servers: list[ServerProcess] = []
+    targets: list[tuple[str, str, str]] = []  # (name, base_url, model name to send)
+    try:
+        if cfg.base_url:
+            targets.append(("target", cfg.base_url, cfg.model))
+        else:
+            console.print("starting foundry-local-py ...")
+            ours = start_ours(cfg.model, n_threads=cfg.n_threads, log_dir=cfg.log_dir,
+                              extra=cfg.server_args)
+            servers.append(ours)
+            targets.append(("foundry-local-py", ours.base_url, cfg.model))
+        if cfg.vs_peer:
+            assert gguf is not None
+            console.print("starting llama_cpp.server (the peer) ...")
+            peer = start_llama_cpp_server(gguf, n_threads=cfg.n_threads, n_ctx=cfg.n_ctx, log_dir=cfg.log_dir)
+            servers.append(peer)
+            targets.append(("llama_cpp.server", peer.base_url, "peer"))
+        for _, url, model in targets:
+            asyncio.run(warm_up(url, model, cfg.api_key))
+        results: dict[str, list[LevelResult]] = {name: [] for name, _, _ in targets}
+        for i, c in enumerate(cfg.concurrency):
+            # Alternate who goes first at each level so drift does not favour one system.
+            order = targets if i % 2 == 0 else list(reversed(targets))
+            for name, url, model in order:
+                console.print(f"  {name}: concurrency {c}, {cfg.requests} requests ...")
+                level = asyncio.run(run_level(url, model, concurrency=c, requests=cfg.requests,
+                                              max_tokens=cfg.max_tokens, count_tokens=count,
+                                              api_key=cfg.api_key))
+                results[name].append(level)
+        for name, levels in results.items():
+            proc = next((s for s in servers if s.name == name), None)
+            report["systems"][name] = {
+                "levels": [lv.summary() for lv in levels],
+                "rss_mb": round(proc.rss_bytes() / 2**20, 1) if proc else None,
+            }
+    finally:
+        for s in servers:
+            s.stop()
+    print_report(report, console)
+    if cfg.json_path:
+        cfg.json_path.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    console.print(f"\n[bold]{report['model']}[/] ({report['gguf']}), {report['requests_per_level']} "
+                  f"requests/level, max_tokens {report['max_tokens']}, temperature 0, stream; "
+                  f"{report['machine']}; {report['date']}")
+    ceiling = report.get("ceiling_decode_tps")
+    if ceiling:
+        console.print(f"in-process llama.cpp decode ceiling: {ceiling} tok/s")
+    systems = report["systems"]
+    names = list(systems)
+    table = Table(show_lines=False)
+    table.add_column("concurrency", justify="right")
+    for name in names:
+        table.add_column(f"{name}\nagg tok/s", justify="right")
+        table.add_column(f"{name}\nper-stream", justify="right")
+        table.add_column(f"{name}\nTTFT p50/p95 ms", justify="right")
+        table.add_column(f"{name}\nerrors", justify="right")
+    if len(names) == 2:
+        table.add_column("agg ratio", justify="right")
+        table.add_column("TTFT p50 ratio", justify="right")
+    n_levels = len(systems[names[0]]["levels"]) if names else 0
+    for i in range(n_levels):
+        row = [str(systems[names[0]]["levels"][i]["concurrency"])]
+        for name in names:
+            lv = systems[name]["levels"][i]
+            row += [f"{lv['aggregate_tps']}", f"{lv['per_stream_tps']}",
+                    f"{lv['ttft_p50_ms']} / {lv['ttft_p95_ms']}",
+                    f"{lv['errors']}"
+                    + (f" ({lv['empty_responses']} empty)" if lv["empty_responses"] else "")]
+        if len(names) == 2:
+            a, b = (systems[n]["levels"][i] for n in names)
+            row += [_ratio(a["aggregate_tps"], b["aggregate_tps"]),
+                    _ratio(a["ttft_p50_ms"], b["ttft_p50_ms"])]
+        table.add_row(*row)
+    console.print(table)
+    if ceiling and names:
+        first = systems[names[0]]["levels"][0]
+        if first["concurrency"] == 1 and first["per_stream_tps"]:
+            console.print(f"{names[0]} single-stream decode / ceiling: "
+                          f"{first['per_stream_tps'] / ceiling:.2f}x")
+        if len(names) == 2:
+            peer = systems[names[1]]["levels"][0]
+            if peer["concurrency"] == 1 and peer["per_stream_tps"]:
+                console.print(f"{names[1]} single-stream decode / ceiling: "
+                              f"{peer['per_stream_tps'] / ceiling:.2f}x")
+    for name in names:
+        if systems[name].get("rss_mb"):
+            console.print(f"{name} RSS after the run: {systems[name]['rss_mb']} MiB")
