@@ -23,7 +23,14 @@ def bench(  # noqa: PLR0917 - one parameter per flag
     api_key: Annotated[str | None, typer.Option()] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON")] = None,
     server_arg: Annotated[list[str] | None, typer.Option(help="Extra flag for our server")] = None,
+    engines: Annotated[bool, typer.Option("--engines", help="Compare the model's local variants "
+                                          "(llama.cpp vs ONNX) in-process instead")] = False,
 ) -> None:
+    if engines:
+        from ..bench.engines import compare
+
+        compare(model, n_threads=n_threads or physical_cores())
+        return
     from ..bench.run import BenchConfig, run
 
     run(BenchConfig(
