@@ -35,6 +35,12 @@ class Fidelity(BaseModel):
     n_tokens: int
     threshold: float
     degraded: bool
+    reference: str = Field(
+        default="source", description="What the converted model was compared with."
+    )
+    runtime_top1_agreement: float | None = Field(
+        default=None, description="Top-1 agreement with the source as its own engine (llama.cpp) runs it."
+    )
 
 
 class Manifest(BaseModel):

@@ -35,7 +35,7 @@ from .catalog import (
     Variant,
 )
 from .layout import check_no_escaping_symlinks, check_registered_path, safe_join
-from .manifest import Manifest, read_manifest
+from .manifest import Fidelity, Manifest, read_manifest
 
 HASH_CHUNK = 4 * 1024 * 1024
 STAGING_DIR = ".staging"
@@ -113,7 +113,7 @@ class ModelStore:
         if isinstance(source, HuggingFaceSource):
             return self._resolve_hub(model, variant, source, verify=verify)
         if isinstance(source, ConvertSource):
-            return self._resolve_converted(model, variant, source)
+            return self._resolve_converted(model, variant, source, verify=verify)
         if isinstance(source, LocalSource):
             return self._resolve_local(model, variant, source, verify=verify)
         raise ModelNotFoundError(variant.id)  # pragma: no cover - exhaustive
@@ -150,11 +150,52 @@ class ModelStore:
             check_files=verify,
         )
 
-    def _resolve_converted(self, model: CatalogModel, variant: Variant, source: ConvertSource) -> Path:
-        return self._from_manifest(
-            model, variant,
-            f"It has not been built yet; run 'foundry-local model download {variant.name}'.",
-        )
+    def _resolve_converted(
+        self, model: CatalogModel, variant: Variant, source: ConvertSource, *, verify: bool = True
+    ) -> Path:
+        """A built variant whose manifest matches the catalog recipe (and, with ``verify``, whose
+        files are all there with their recorded sizes; 'cache verify' re-hashes them)."""
+        folder = self.variant_dir(model, variant)
+        manifest = read_manifest(folder)
+        if manifest is None or manifest.kind != "convert":
+            raise ModelNotFoundError(
+                variant.id,
+                detail=f"It has not been built yet; run 'foundry-local model convert {variant.name}'.",
+            )
+        recipe = {
+            "method": source.method,
+            "precision": source.precision,
+            "execution_provider": source.execution_provider,
+        }
+        built = {key: manifest.source.get(key) for key in recipe}
+        built_base = str(manifest.source.get("base", ""))
+        same_base = source.base.lower() in (built_base.lower(), built_base.partition(":")[0].lower())
+        if manifest.variant_id != variant.id or built != recipe or not same_base:
+            raise ModelNotFoundError(
+                variant.id,
+                detail=f"It was built by an older recipe; run 'foundry-local model convert {variant.name}'.",
+            )
+        for item in manifest.files if verify else ():
+            path = safe_join(folder, item.path)
+            if not path.is_file() or path.stat().st_size != item.size:
+                raise ModelNotFoundError(
+                    variant.id,
+                    detail=f"Its files are incomplete; run 'foundry-local model convert {variant.name}'.",
+                )
+        return safe_join(folder, manifest.entry) if manifest.entry else folder
+
+    def fidelity(self, model: CatalogModel, variant: Variant) -> Fidelity | None:
+        """The measured fidelity of a built conversion (None: not converted, or not built)."""
+        manifest = self.manifest(model, variant)
+        return manifest.fidelity if manifest is not None else None
+
+    def is_degraded(self, model: CatalogModel, variant: Variant) -> bool:
+        """True when the variant was built and measured below its fidelity threshold.
+
+        Hardware selection skips degraded variants; they still load when asked for by name.
+        """
+        fidelity = self.fidelity(model, variant)
+        return fidelity is not None and fidelity.degraded
 
     def _resolve_local(
         self, model: CatalogModel, variant: Variant, source: LocalSource, *, verify: bool = True
