@@ -1,10 +1,12 @@
 """Build a converted variant into the cache: lock, convert in a worker, verify, install, manifest.
 
-The output lands like a download does: the worker writes into a hidden temp folder beside the
-variant's folder (same filesystem), the files are inventoried (size, sha256), the folder is renamed
-into place in one step, and ``manifest.json`` (source, recipe, tool versions, sizes, fidelity) is
-written LAST. A killed or failed conversion leaves only a hidden ``.convert-*`` folder, which is not
-a variant and is removed by the next build of the same variant.
+The output lands like a download does: the worker writes into the variant's staging folder
+(``<root>/.staging/<publisher>/<variant>/``, same filesystem), the files are inventoried (size,
+sha256), the output folder is renamed into place in one step, and ``manifest.json`` (source,
+recipe, tool versions, sizes, fidelity) is written LAST. A killed or failed conversion leaves at
+most a staging folder, which is not a variant; the next build (or ``cache remove``) clears it. The
+variant's download lock is held throughout, so a second process waits and then finds the result,
+and ``cache remove`` cannot pull the folder from under a build.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -34,8 +35,6 @@ from . import fidelity
 from .worker import Job, JobResult
 
 log = logging.getLogger(__name__)
-
-WORK_PREFIX = ".convert-"
 
 ONNX_DEPENDENCIES = {
     "torch": "torch",
@@ -118,13 +117,14 @@ def build_variant(  # noqa: PLR0917 - the signature acquire.ensure_variant calls
         )
     report = _reporter(progress, variant)
     target = store.variant_dir(model, variant)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with store.lock(variant.id):
+    work = store.staging_dir(model, variant)
+    with store.download_lock(variant):
         if not force:
             with contextlib.suppress(ModelNotFoundError):
                 return store.resolve(model, variant)
-        _remove_stale_work(target)
-        work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{variant.name}-", dir=target.parent))
+        shutil.rmtree(work, ignore_errors=True)  # what a killed build left
+        work.mkdir(parents=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             started = time.monotonic()
             out = work / "out"
@@ -253,12 +253,6 @@ def run_worker(job: Job, report: Reporter, *, log_path: Path) -> JobResult:
 
 
 # --- cache folder handling -------------------------------------------------------------------------
-
-
-def _remove_stale_work(target: Path) -> None:
-    """Temp folders of earlier, killed builds of this variant (we hold its lock)."""
-    for stale in target.parent.glob(f"{WORK_PREFIX}{target.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _inventory(folder: Path) -> list[ManifestFile]:
