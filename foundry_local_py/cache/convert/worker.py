@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -122,6 +123,11 @@ def _onnx_builder(job: Job, report: Report) -> JobResult:
                 "the checkpoint read from the GGUF does not reproduce the GGUF's predictions "
                 f"(top-1 agreement {check.top1_agreement:.2%}); the conversion was stopped"
             )
+    if kind == "gguf":
+        # llama.cpp adds BOS only where the model asks for it; onnxruntime-genai's tokenizer does
+        # not add it for a converted Gemma, so the engine has to (recorded for it here).
+        bos = json.loads((out / "genai_config.json").read_text())["model"].get("bos_token_id")
+        details["add_bos_token"] = ids[0] in (bos if isinstance(bos, list) else [bos])
     converted = fidelity.score(out, ids, n_threads=job.n_threads)
     if converted.n_vocab != reference.n_vocab:
         raise ConversionError("the converted model's vocabulary differs from its source's")
@@ -193,7 +199,21 @@ def _gguf_quantize(job: Job, report: Report) -> JobResult:
     return JobResult(fidelity=result.model_dump(), details={"timings_s": timings})
 
 
+def _exit_with_parent() -> None:
+    """A killed parent cannot kill us (we run in our own session): stop when it is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def main() -> int:
+    _exit_with_parent()
     # Everything written to fd 1 from here on (the builder's prints, C libraries) goes to stderr;
     # the events go to a private copy of the original stdout.
     events = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
