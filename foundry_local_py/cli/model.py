@@ -23,6 +23,7 @@ from rich.table import Table
 
 from ..cache.acquire import Progress, ensure_variant
 from ..cache.catalog import CatalogModel, HuggingFaceSource, PackageSource, Variant
+from ..cache.convert import describe_fidelity
 from ..cache.inventory import fallback_variant
 from ..cache.registry import register_local
 from ..cache.store import ModelStore
@@ -32,8 +33,10 @@ from ..hardware import cached_variant_ids, degraded_variant_ids, detect_hardware
 from ..sdk.client import ServiceClient
 from ..sdk.service import ServiceInfo, find_service, start_service
 from .common import cli_errors, console, err_console, human_size, load_context
+from .convert import convert as convert_command
 
 app = typer.Typer(no_args_is_help=True)
+app.command("convert")(convert_command)
 
 
 def loaded_variant_ids(settings: Settings) -> set[str] | None:
@@ -148,6 +151,10 @@ def info(
                 "yes" if ctx.store.is_available(model, variant) else "",
             )
         out.print(table)
+        for variant in model.variants:
+            fid = ctx.store.fidelity(model, variant)
+            if fid is not None:
+                out.print(f"  fidelity of {variant.id}: {describe_fidelity(fid)}")
         out.print(f"Selected on this machine: [bold]{chosen.id}[/bold]")
 
 
