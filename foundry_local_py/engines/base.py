@@ -106,6 +106,8 @@ class EngineInfo:
     supports_logprobs: bool
     has_chat_template: bool
     n_threads: int | None = None
+    supports_embeddings: bool = False
+    n_embd: int | None = None
 
 
 @runtime_checkable
@@ -158,5 +160,8 @@ class Engine(Protocol):
 
     def create_runner(self) -> BatchRunner:
         """Called once, on the thread that will make every later call to the runner."""
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """L2-normalised, mean-pooled embeddings (engines with ``info.supports_embeddings``)."""
 
     def close(self) -> None: ...

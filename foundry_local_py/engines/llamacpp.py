@@ -101,8 +101,12 @@ class LlamaCppEngine:
             supports_logprobs=True,
             has_chat_template=self._template is not None,
             n_threads=opts.n_threads,
+            supports_embeddings=not llama_cpp.llama_model_has_encoder(model),
+            n_embd=llama_cpp.llama_model_n_embd(model),
         )
         self._closed = False
+        self._embed_lock = threading.Lock()
+        self._embed_ctx: Any = None
 
     # --- metadata ---------------------------------------------------------------------------
 
@@ -183,9 +187,64 @@ class LlamaCppEngine:
     def create_runner(self) -> _LlamaRunner:
         return _LlamaRunner(self)
 
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised embeddings from a second, embeddings-only context.
+
+        The context is created on first use and shares the model's weights; calls are serialised
+        (it holds one sequence), and run beside the decode loop rather than inside it.
+        """
+        n_ctx = self.info.n_ctx
+        for toks in inputs:
+            if len(toks) > n_ctx:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {n_ctx} tokens, but an input has "
+                    f"{len(toks)} tokens.", param="input")
+        with self._embed_lock:
+            if self._embed_ctx is None:
+                cparams = llama_cpp.llama_context_default_params()
+                cparams.n_ctx = n_ctx
+                cparams.n_batch = n_ctx
+                cparams.n_ubatch = n_ctx
+                cparams.n_seq_max = 1
+                cparams.n_threads = self.options.n_threads
+                cparams.n_threads_batch = self.options.n_threads
+                cparams.embeddings = True
+                cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+                cparams.no_perf = True
+                ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+                if not ctx:
+                    raise EngineError("could not create an embeddings context")
+                self._embed_ctx = ctx
+            ctx = self._embed_ctx
+            mem = llama_cpp.llama_get_memory(ctx)
+            batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+            out: list[list[float]] = []
+            try:
+                for toks in inputs:
+                    llama_cpp.llama_memory_clear(mem, True)
+                    for i, tok in enumerate(toks):
+                        batch.token[i] = tok
+                        batch.pos[i] = i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = True
+                    batch.n_tokens = len(toks)
+                    if llama_cpp.llama_decode(ctx, batch) != 0:
+                        raise EngineError("the engine could not compute the embedding")
+                    ptr = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+                    vec = np.ctypeslib.as_array(ptr, shape=(self.info.n_embd or 0,)).astype(np.float64)
+                    norm = float(np.linalg.norm(vec)) or 1.0
+                    out.append((vec / norm).tolist())
+            finally:
+                llama_cpp.llama_batch_free(batch)
+            return out
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._embed_ctx is not None:
+                llama_cpp.llama_free(self._embed_ctx)
+                self._embed_ctx = None
             llama_cpp.llama_model_free(self._model)
 
     # internal accessors for the runner

@@ -14,6 +14,7 @@ from ..config import Settings
 from ..errors import FoundryError
 from ..protocol.chat import ChatCompletionRequest
 from ..protocol.completions import CompletionRequest
+from ..protocol.embeddings import EmbeddingRequest
 from .errors import install_error_handlers
 from .middleware import GuardMiddleware
 from .routes import foundry, health, openai
@@ -91,7 +92,7 @@ def _register_schemas(app: FastAPI) -> None:
             return app.openapi_schema
         schema = original()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ChatCompletionRequest, CompletionRequest):
+        for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest):
             components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(components[model.__name__].pop("$defs", {}))
         app.openapi_schema = schema

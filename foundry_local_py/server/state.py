@@ -19,6 +19,7 @@ from .model_manager import ModelManager
 from .serving import ServingContext
 from .serving_chat import ChatServing
 from .serving_completions import CompletionServing
+from .serving_embeddings import EmbeddingServing
 
 CACHE_SIZE_TTL_S = 30.0
 EngineLoader = Callable[..., Engine]
@@ -33,6 +34,7 @@ class Core:
     manager: ModelManager
     chat: ChatServing
     completions: CompletionServing
+    embeddings: EmbeddingServing
     inventory: HardwareInventory
     preload_error: str | None = None
     preloading: bool = False
@@ -56,7 +58,7 @@ def build_core(settings: Settings, *, engine_loader: EngineLoader | None = None)
                            **({"engine_loader": engine_loader} if engine_loader else {}))
     ctx = ServingContext(settings, manager, metrics)
     core = Core(settings, catalog, store, metrics, manager, ChatServing(ctx), CompletionServing(ctx),
-                inventory, base_url=f"http://{settings.host}:{settings.port}")
+                EmbeddingServing(ctx), inventory, base_url=f"http://{settings.host}:{settings.port}")
     metrics.attach_state(manager.states, core.cache_size)
     return core
 

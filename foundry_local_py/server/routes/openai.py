@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 from ...errors import ModelNotFoundError
 from ...protocol.chat import ChatCompletionRequest
 from ...protocol.completions import CompletionRequest
+from ...protocol.embeddings import EmbeddingRequest
 from ...protocol.models import ModelCard, ModelList
 from ..body import parse_body
 from ..state import Core, get_core
@@ -32,6 +33,13 @@ async def completions(request: Request) -> Response:
     core = get_core(request)
     body = await parse_body(request, CompletionRequest)
     return await core.completions.create(body, request)
+
+
+@router.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+async def embeddings(request: Request) -> Response:
+    core = get_core(request)
+    body = await parse_body(request, EmbeddingRequest)
+    return await core.embeddings.create(body)
 
 
 def model_cards(core: Core) -> list[ModelCard]:
