@@ -549,7 +549,8 @@ def _apply_sampling(turn: Any, sp: SamplingParams) -> None:
         turn.set_temperature(float(sp.temperature))
         turn.set_top_p(min(max(float(sp.top_p), 1e-6), 1.0))
         turn.set_top_k(max(int(sp.top_k), 0))
-        turn.set_seed(_seed(sp))
+        if sp.seed is not None:  # only dynamic engines take one; unseeded turns use the engine's RNG
+            turn.set_seed(_seed(sp))
     if sp.repeat_penalty > 0 and sp.repeat_penalty != 1.0:
         turn.set_repetition_penalty(float(sp.repeat_penalty))
 
