@@ -25,7 +25,7 @@ from foundry_local_py.engines.base import (
     TokenOutput,
 )
 from foundry_local_py.engines.chat_template import ChatTemplate
-from foundry_local_py.engines.onnx_genai import OrtGenaiEngine, OrtGenaiOptions
+from foundry_local_py.engines.onnx_genai import PROVIDERS, OrtGenaiEngine, OrtGenaiOptions
 from foundry_local_py.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -438,11 +438,19 @@ def test_running_out_of_context_fails_the_sequence(engine: OrtGenaiEngine) -> No
 # --- provider and folder errors ----------------------------------------------------------------
 
 
-def test_unavailable_provider_raises_model_load_error(onnx_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("provider", ["dml", "qnn", "webgpu", "openvino"])
+def test_unavailable_provider_raises_model_load_error(onnx_model_dir: Path, provider: str) -> None:
+    import onnxruntime
+
+    if PROVIDERS[provider][1] in onnxruntime.get_available_providers():
+        pytest.skip(f"{provider} is available here")
     with pytest.raises(ModelLoadError) as err:
-        OrtGenaiEngine(onnx_model_dir, OrtGenaiOptions(execution_provider="dml"))
-    assert "dml" in err.value.message
+        OrtGenaiEngine(onnx_model_dir, OrtGenaiOptions(execution_provider=provider))
+    assert provider in err.value.message
     assert str(onnx_model_dir) not in err.value.message
+
+
+def test_unknown_provider_and_non_model_folder(onnx_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError):
         OrtGenaiEngine(onnx_model_dir, OrtGenaiOptions(execution_provider="bogus"))
     with pytest.raises(ModelLoadError) as err:
