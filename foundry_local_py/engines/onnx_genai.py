@@ -290,16 +290,18 @@ class OrtGenaiEngine:
     def validate_constraint(self, constraint: Constraint) -> None:
         """Compile the guidance grammar once (any thread): 400 when it does not compile."""
         kind, data = constraint_to_guidance(constraint)
-        params = og.GeneratorParams(self._model)
-        params.set_search_options(max_length=2)
         try:
+            params = og.GeneratorParams(self._model)
+            params.set_search_options(max_length=2)
             params.set_guidance(kind, data)
-            generator = og.Generator(self._model, params)
+            og.Generator(self._model, params)
         except Exception as exc:
-            raise InvalidRequestError(
-                f"unsupported JSON schema: {_scrub(str(exc))}", param="response_format"
-            ) from exc
-        del generator
+            if _is_grammar_error(exc):
+                raise InvalidRequestError(
+                    f"unsupported JSON schema: {_scrub(str(exc))}", param="response_format"
+                ) from exc
+            # This model cannot take a probe generator: the grammar is compiled when the request starts.
+            log.debug("guidance pre-check skipped: %s", exc)
 
     def create_runner(self) -> _EngineRunner | _GeneratorRunner:
         if self.options.runner != "generator":
@@ -444,24 +446,21 @@ class _EngineRunner:
             return
         guidance = constraint_to_guidance(sp.constraint) if sp.constraint is not None else None
         lane = self._open_lane()
-        options = og.RequestOptions()
-        options.set_max_session_tokens(budget.session)
-        og_request = lane.engine.create_request(options=options)
-        turn = og.TurnOptions(og_request)
-        turn.set_max_generated_tokens(budget.max_new)
-        _apply_sampling(turn, sp)
+        og_request = None
         try:
+            options = og.RequestOptions()
+            options.set_max_session_tokens(budget.session)
+            og_request = lane.engine.create_request(options=options)
+            turn = og.TurnOptions(og_request)
+            turn.set_max_generated_tokens(budget.max_new)
+            _apply_sampling(turn, sp)
             if guidance is not None:
                 turn.set_guidance(*guidance)
             turn_id = og_request.begin_turn(np.asarray(request.prompt_tokens, dtype=np.int32), turn)
         except Exception as exc:
-            og_request.close()
-            if guidance is not None and "grammar" in str(exc).lower():
-                raise InvalidRequestError(
-                    f"unsupported JSON schema: {_scrub(str(exc))}", param="response_format"
-                ) from exc
-            log.warning("begin_turn failed: %s", exc)
-            raise EngineError("the inference engine could not start this request") from exc
+            if og_request is not None:
+                og_request.close()
+            raise _start_error(exc, guidance is not None) from exc
         seq = _Seq(request.request_id, og_request, int(turn_id), self.owner.create_stream(), lane, budget)
         lane.members[id(og_request)] = seq
         self._by_request[request.request_id] = seq
@@ -540,6 +539,18 @@ class _EngineRunner:
             self._lanes.remove(lane)
 
 
+def _is_grammar_error(exc: Exception) -> bool:
+    return "grammar" in str(exc).lower()  # onnxruntime-genai: "Error creating grammar: ..."
+
+
+def _start_error(exc: Exception, guided: bool) -> InvalidRequestError | EngineError:
+    """The error a client sees when onnxruntime-genai refuses to start a request."""
+    if guided and _is_grammar_error(exc):
+        return InvalidRequestError(f"unsupported JSON schema: {_scrub(str(exc))}", param="response_format")
+    log.warning("onnxruntime-genai could not start a request: %s", exc)
+    return EngineError("the inference engine could not start this request")
+
+
 def _apply_sampling(turn: Any, sp: SamplingParams) -> None:
     if sp.temperature <= 0.0:
         turn.set_do_sample(False)
@@ -616,18 +627,14 @@ class _GeneratorRunner:
                           top_k=max(int(sp.top_k), 0), random_seed=_seed(sp) % (1 << 31))
         if sp.repeat_penalty > 0 and sp.repeat_penalty != 1.0:
             search["repetition_penalty"] = float(sp.repeat_penalty)
-        params.set_search_options(**search)
+        guidance = constraint_to_guidance(sp.constraint) if sp.constraint is not None else None
         try:
-            if sp.constraint is not None:
-                params.set_guidance(*constraint_to_guidance(sp.constraint))
+            params.set_search_options(**search)
+            if guidance is not None:
+                params.set_guidance(*guidance)
             generator = og.Generator(self.owner.model, params)
         except Exception as exc:
-            if sp.constraint is not None and "grammar" in str(exc).lower():
-                raise InvalidRequestError(
-                    f"unsupported JSON schema: {_scrub(str(exc))}", param="response_format"
-                ) from exc
-            log.warning("og.Generator creation failed: %s", exc)
-            raise EngineError("the inference engine could not start this request") from exc
+            raise _start_error(exc, guidance is not None) from exc
         self._seqs[request.request_id] = _GenSeq(
             request.request_id, generator, self.owner.create_stream(), list(request.prompt_tokens), budget
         )
