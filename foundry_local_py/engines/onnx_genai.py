@@ -1,0 +1,675 @@
+"""onnxruntime-genai engine: ONNX GenAI model folders (``genai_config.json``, ``model.onnx``, tokenizer).
+
+Loading goes through ``og.Config``: the execution provider is chosen there (``clear_providers`` +
+``append_provider``), and an overlay bounds the default KV buffer (``search.max_length``), sets the
+static batch size and, optionally, the session's thread count. A provider that cannot start raises
+:class:`~foundry_local_py.errors.ModelLoadError`, so the loader can fall back to another variant.
+
+Decoding uses ``og.Engine`` (requests, turns, ``engine.run(event_buffer)``). On CPU, and for every
+model built without paged attention, that engine batches *statically*: a batch is formed from the
+requests waiting when it starts, and a request added while it runs waits until the whole batch is
+done, and a cancelled request's row is not reused before then. A serving loop cannot accept that
+head-of-line blocking, so :class:`_EngineRunner` keeps several engines ("lanes") on one model: the
+requests the scheduler admits between two steps start together in one lane (batched), a request
+admitted later starts at once in another (idle or new) lane, and every step runs each busy lane
+once. Removing a request cancels and closes it in its lane at once: it produces no further token
+and its place in the runner's ``max_batch`` goes to the next request immediately. Engines are cheap
+(they share the model's sessions); their KV buffers are sized per request by
+``RequestOptions.set_max_session_tokens``.
+
+When ``og.Engine`` cannot serve a model (e.g. stateful execution providers that manage the KV
+cache), :class:`_GeneratorRunner` falls back to one ``og.Generator`` per sequence, stepped in turn.
+The static engine also refuses per-request seeds, so seeded sampling requests go to such a
+generator inside the engine runner (same protocol, same ``max_batch``).
+
+Tokens are turned into bytes by one ``TokenizerStream`` per sequence, which returns only whole
+characters (an empty string while a multi-byte character is incomplete), so no piece is broken
+UTF-8. Chat templates are read from the model folder and rendered by the caller with
+:mod:`.chat_template` (sandboxed); onnxruntime-genai's own template function is never used.
+
+Every call to a runner, and ``create_runner`` itself, happens on the scheduler's worker thread:
+``og.Engine`` refuses calls from any thread but the one that created it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime_genai as og
+
+from ..errors import ContextLengthExceededError, EngineError, InvalidRequestError, ModelLoadError
+from .base import (
+    ChatTemplateSpec,
+    Constraint,
+    EngineInfo,
+    GenerationRequest,
+    SamplingParams,
+    SequenceFailure,
+    TokenOutput,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""Largest JSON / template file read from a model folder (they are untrusted input)."""
+
+# Our short provider names -> (onnxruntime-genai's name for append_provider, ORT provider, device).
+PROVIDERS: dict[str, tuple[str | None, str, str]] = {
+    "cpu": (None, "CPUExecutionProvider", "cpu"),
+    "cuda": ("cuda", "CUDAExecutionProvider", "gpu"),
+    "dml": ("dml", "DmlExecutionProvider", "gpu"),
+    "webgpu": ("WebGPU", "WebGpuExecutionProvider", "gpu"),
+    "qnn": ("QNN", "QNNExecutionProvider", "npu"),
+    "openvino": ("OpenVINO", "OpenVINOExecutionProvider", "gpu"),
+}
+
+_FLAG_TOKEN = int(og.EngineEventFlags.TOKEN.value)
+_FLAG_FINISHED = int(og.EngineEventFlags.TURN_FINISHED.value)
+_FLAG_FAILED = int(og.EngineEventFlags.FAILED.value)
+_PATHISH = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"]+")
+
+
+@dataclass
+class OrtGenaiOptions:
+    execution_provider: str = "cpu"
+    """'cpu', 'cuda', 'dml', 'webgpu', 'qnn' or 'openvino'."""
+    max_batch: int = 4
+    n_ctx: int | None = None
+    """Per-sequence context. None: the model's context length capped at ``default_ctx_cap``."""
+    default_ctx_cap: int = 4096
+    n_threads: int | None = None
+    """intra-op threads of the decoder session. None: onnxruntime's default (the physical cores)."""
+    provider_options: dict[str, str] = field(default_factory=dict)
+    """Extra options for the execution provider (``Config.set_provider_option``)."""
+    runner: Literal["auto", "engine", "generator"] = "auto"
+    """'auto': og.Engine lanes, og.Generator when the engine cannot serve the model."""
+
+
+def _scrub(text: str) -> str:
+    """An onnxruntime-genai error message without filesystem paths, short enough for a client."""
+    return _PATHISH.sub("<path>", text).strip()[:300]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        if not path.is_file():
+            return None
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelLoadError(f"the model's {path.name} is too large")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"the model's {path.name} could not be read ({type(exc).__name__})") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"the model's {path.name} is not a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str:
+    """bos_token / eos_token in tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return ""
+
+
+def read_chat_template(path: Path) -> ChatTemplateSpec | None:
+    """The chat template a Hugging Face style model folder carries, or None.
+
+    Looks at ``chat_template.jinja`` (transformers 5), then ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or a list of named templates: 'default' wins), then
+    ``chat_template.json``. BOS / EOS strings come from ``tokenizer_config.json``.
+    """
+    tok_cfg = _read_json(path / "tokenizer_config.json") or {}
+    source: Any = None
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        if jinja.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelLoadError("the model's chat template is too large")
+        try:
+            source = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelLoadError("the model's chat template could not be read") from exc
+    if not source:
+        source = tok_cfg.get("chat_template")
+    if not source:
+        source = (_read_json(path / "chat_template.json") or {}).get("chat_template")
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default") or next((t for t in named.values() if isinstance(t, str)), None)
+    if not isinstance(source, str) or not source.strip():
+        return None
+    return ChatTemplateSpec(
+        source=source,
+        bos_token=_token_text(tok_cfg.get("bos_token")),
+        eos_token=_token_text(tok_cfg.get("eos_token")),
+    )
+
+
+def constraint_to_guidance(constraint: Constraint) -> tuple[str, str]:
+    """An engine-neutral constraint as onnxruntime-genai guidance: ('json_schema', schema text)."""
+    schema = constraint.schema if constraint.schema is not None else {"type": "object"}
+    try:
+        return "json_schema", json.dumps(schema)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidRequestError("the JSON schema is not valid JSON", param="response_format") from exc
+
+
+class OrtGenaiEngine:
+    """An ONNX GenAI model folder loaded with onnxruntime-genai."""
+
+    def __init__(self, path: Path, options: OrtGenaiOptions | None = None) -> None:
+        self.options = opts = options or OrtGenaiOptions()
+        self.path = path
+        if opts.max_batch < 1:
+            raise ModelLoadError("max_batch must be at least 1")
+        provider = opts.execution_provider.lower()
+        if provider not in PROVIDERS:
+            raise ModelLoadError(
+                f"unknown execution provider '{opts.execution_provider}' "
+                f"(known: {', '.join(sorted(PROVIDERS))})"
+            )
+        genai_config = _read_json(path / "genai_config.json")
+        if genai_config is None:
+            raise ModelLoadError("the model folder has no genai_config.json (not an ONNX GenAI model)")
+        model_cfg = genai_config.get("model") or {}
+        search_cfg = genai_config.get("search") or {}
+        n_ctx_train = int(model_cfg.get("context_length") or search_cfg.get("max_length") or 2048)
+        n_ctx = opts.n_ctx or min(n_ctx_train, int(search_cfg.get("max_length") or n_ctx_train),
+                                  opts.default_ctx_cap)
+        n_ctx = min(n_ctx, n_ctx_train)
+        self.n_ctx = n_ctx
+        self._dynamic = isinstance((genai_config.get("engine") or {}).get("dynamic_batching"), dict)
+
+        og_name, ort_name, device = PROVIDERS[provider]
+        config = self._make_config(path, og_name, provider, n_ctx)
+        try:
+            self._model = og.Model(config)
+        except Exception as exc:
+            if og_name is not None:
+                raise ModelLoadError(
+                    f"the {provider} execution provider could not be initialised: {_scrub(str(exc))}"
+                ) from exc
+            raise ModelLoadError(f"the ONNX model could not be loaded: {_scrub(str(exc))}") from exc
+        try:
+            self._tokenizer = og.Tokenizer(self._model)
+            self._tokenizer_plain = og.Tokenizer(self._model)
+            self._tokenizer_plain.update_options(add_special_tokens="false")
+        except Exception as exc:
+            raise ModelLoadError(f"the model's tokenizer could not be loaded: {_scrub(str(exc))}") from exc
+        self._tok_lock = threading.Lock()
+        self.eos_token_ids = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
+        self._eos = min(self.eos_token_ids) if self.eos_token_ids else -1
+        self.n_vocab = int(model_cfg.get("vocab_size") or 0)
+        self._template = read_chat_template(path)
+        device_type = str(getattr(self._model, "device_type", "") or "").lower()
+        if device_type == "cpu":
+            device = "cpu"
+        self.info = EngineInfo(
+            engine="onnxruntime-genai",
+            model_path=path,
+            device=device,
+            execution_provider=ort_name,
+            n_ctx=n_ctx,
+            n_ctx_train=n_ctx_train,
+            n_vocab=self.n_vocab,
+            max_batch=opts.max_batch,
+            supports_constraints=True,
+            supports_logprobs=False,
+            has_chat_template=self._template is not None,
+            n_threads=opts.n_threads,
+        )
+        self._closed = False
+
+    def _make_config(self, path: Path, og_name: str | None, provider: str, n_ctx: int) -> Any:
+        opts = self.options
+        try:
+            config = og.Config(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"the model's genai_config.json is invalid: {_scrub(str(exc))}") from exc
+        overlay: dict[str, Any] = {"search": {"max_length": n_ctx}}
+        batching = "dynamic_batching" if self._dynamic else "static_batching"
+        overlay["engine"] = {batching: {"max_batch_size": opts.max_batch}}
+        if opts.n_threads:
+            overlay["model"] = {"decoder": {"session_options": {"intra_op_num_threads": opts.n_threads}}}
+        try:
+            config.overlay(json.dumps(overlay))
+            config.clear_providers()
+            if og_name is not None:
+                config.append_provider(og_name)
+                for key, value in opts.provider_options.items():
+                    config.set_provider_option(og_name, key, value)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"the {provider} execution provider could not be configured: {_scrub(str(exc))}"
+            ) from exc
+        return config
+
+    # --- Engine protocol --------------------------------------------------------------------
+
+    def chat_template(self) -> ChatTemplateSpec | None:
+        return self._template
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        tokenizer = self._tokenizer if add_special else self._tokenizer_plain
+        try:
+            with self._tok_lock:
+                ids = tokenizer.encode(text)
+        except Exception as exc:
+            raise EngineError("tokenization failed") from exc
+        return [int(t) for t in ids]
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        if not tokens:
+            return b""
+        with self._tok_lock:
+            text = self._tokenizer.decode(np.asarray(tokens, dtype=np.int32))
+        return str(text).encode("utf-8")
+
+    def create_stream(self) -> Any:
+        """A TokenizerStream: token ids in, whole characters out."""
+        with self._tok_lock:
+            return self._tokenizer.create_stream()
+
+    def is_eos(self, token: int) -> bool:
+        return token in self.eos_token_ids
+
+    @property
+    def eos_token(self) -> int:
+        return self._eos
+
+    def validate_constraint(self, constraint: Constraint) -> None:
+        """Compile the guidance grammar once (any thread): 400 when it does not compile."""
+        kind, data = constraint_to_guidance(constraint)
+        try:
+            params = og.GeneratorParams(self._model)
+            params.set_search_options(max_length=2)
+            params.set_guidance(kind, data)
+            og.Generator(self._model, params)
+        except Exception as exc:
+            if _is_grammar_error(exc):
+                raise InvalidRequestError(
+                    f"unsupported JSON schema: {_scrub(str(exc))}", param="response_format"
+                ) from exc
+            # This model cannot take a probe generator: the grammar is compiled when the request starts.
+            log.debug("guidance pre-check skipped: %s", exc)
+
+    def create_runner(self) -> _EngineRunner | _GeneratorRunner:
+        if self.options.runner != "generator":
+            try:
+                return _EngineRunner(self)
+            except Exception as exc:
+                if self.options.runner == "engine":
+                    raise ModelLoadError(
+                        f"onnxruntime-genai's engine cannot serve this model: {_scrub(str(exc))}"
+                    ) from exc
+                log.info("og.Engine unavailable for this model (%s); using og.Generator", exc)
+        return _GeneratorRunner(self)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            del self._tokenizer, self._tokenizer_plain
+            del self._model
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def dynamic_batching(self) -> bool:
+        """True for paged-attention models, whose og.Engine batches continuously by itself."""
+        return self._dynamic
+
+
+# --- shared request preparation ---------------------------------------------------------------
+
+
+@dataclass
+class _Budget:
+    max_new: int
+    """Tokens this sequence may generate (request's max_tokens, capped by the context)."""
+    session: int
+    """Prompt + generated tokens."""
+    ctx_limited: bool
+    """True when the context, not max_tokens, bounds the sequence."""
+
+
+def _budget(engine: OrtGenaiEngine, request: GenerationRequest) -> _Budget:
+    prompt = request.prompt_tokens
+    n_ctx = engine.n_ctx
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    if len(prompt) >= n_ctx:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {n_ctx} tokens, "
+            f"but the prompt has {len(prompt)} tokens.",
+            param="messages",
+        )
+    room = n_ctx - len(prompt)
+    max_new = max(1, request.max_tokens)
+    return _Budget(min(max_new, room), len(prompt) + min(max_new, room), max_new > room)
+
+
+def _check_sampling(sp: SamplingParams) -> None:
+    if sp.logit_bias:
+        raise InvalidRequestError("logit_bias is not supported by the ONNX engine", param="logit_bias")
+    if sp.top_logprobs is not None:
+        raise InvalidRequestError("logprobs are not supported by the ONNX engine", param="logprobs")
+
+
+def _seed(sp: SamplingParams) -> int:
+    return secrets.randbits(32) if sp.seed is None else sp.seed % (1 << 63)
+
+
+# --- og.Engine runner ---------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Seq:
+    request_id: str
+    request: Any
+    """og.Request"""
+    turn_id: int
+    stream: Any
+    """og.TokenizerStream"""
+    lane: _Lane
+    budget: _Budget
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class _Lane:
+    engine: Any
+    """og.Engine: one static batch at a time."""
+    buffer: Any
+    members: dict[int, _Seq] = field(default_factory=dict)
+    """By id() of the og.Request."""
+    started: bool = False
+    """Its batch has run: requests added now would wait for the whole batch to finish."""
+
+    def idle(self) -> bool:
+        return not self.members and not self.engine.has_pending_requests()
+
+
+class _EngineRunner:
+    """Continuous batching over og.Engine lanes (see the module docstring)."""
+
+    def __init__(self, owner: OrtGenaiEngine) -> None:
+        self.owner = owner
+        self.max_batch = owner.options.max_batch
+        self._continuous = owner.dynamic_batching
+        """Paged-attention models: one engine admits new requests into its running batch."""
+        self._lanes: list[_Lane] = [self._new_lane()]  # fails here, on this thread, if unsupported
+        self._by_request: dict[str, _Seq] = {}
+        self._solo = _GeneratorRunner(owner)
+        """Requests the static engine cannot take (per-request seeds)."""
+
+    def _new_lane(self) -> _Lane:
+        engine = og.Engine(self.owner.model)
+        return _Lane(engine, engine.create_event_buffer(4 * self.max_batch + 16))
+
+    def _open_lane(self) -> _Lane:
+        for lane in self._lanes:
+            if (self._continuous or not lane.started) and len(lane.members) < self.max_batch:
+                return lane
+        for lane in self._lanes:
+            if lane.idle():
+                lane.started = False
+                return lane
+        lane = self._new_lane()
+        self._lanes.append(lane)
+        return lane
+
+    # --- protocol -----------------------------------------------------------------------
+
+    def active(self) -> int:
+        return len(self._by_request) + self._solo.active()
+
+    def add(self, request: GenerationRequest) -> None:
+        if request.request_id in self._by_request or self._solo.has(request.request_id):
+            raise EngineError("duplicate request id")
+        budget = _budget(self.owner, request)
+        sp = request.sampling
+        _check_sampling(sp)
+        if not self._continuous and sp.temperature > 0.0 and sp.seed is not None:
+            self._solo.add(request)  # "A per-turn seed requires an Engine configured for dynamic batching"
+            return
+        guidance = constraint_to_guidance(sp.constraint) if sp.constraint is not None else None
+        lane = self._open_lane()
+        og_request = None
+        try:
+            options = og.RequestOptions()
+            options.set_max_session_tokens(budget.session)
+            og_request = lane.engine.create_request(options=options)
+            turn = og.TurnOptions(og_request)
+            turn.set_max_generated_tokens(budget.max_new)
+            _apply_sampling(turn, sp)
+            if guidance is not None:
+                turn.set_guidance(*guidance)
+            turn_id = og_request.begin_turn(np.asarray(request.prompt_tokens, dtype=np.int32), turn)
+        except Exception as exc:
+            if og_request is not None:
+                og_request.close()
+            raise _start_error(exc, guidance is not None) from exc
+        seq = _Seq(request.request_id, og_request, int(turn_id), self.owner.create_stream(), lane, budget)
+        lane.members[id(og_request)] = seq
+        self._by_request[request.request_id] = seq
+
+    def remove(self, request_id: str) -> None:
+        seq = self._by_request.pop(request_id, None)
+        if seq is None:
+            self._solo.remove(request_id)
+            return
+        seq.lane.members.pop(id(seq.request), None)
+        try:
+            if not seq.finished:
+                seq.request.cancel_turn(seq.turn_id)
+            seq.request.close()  # leaves the engine now: no more events, its row is released
+        except Exception:
+            log.exception("closing an onnxruntime-genai request failed")
+
+    def step(self) -> list[TokenOutput | SequenceFailure]:
+        outputs: list[TokenOutput | SequenceFailure] = []
+        for lane in self._lanes:
+            if not lane.members and not lane.engine.has_pending_requests():
+                continue
+            lane.started = True
+            try:
+                events = lane.engine.run(lane.buffer)
+            except Exception as exc:
+                log.error("og.Engine.run failed: %s", exc)
+                for seq in list(lane.members.values()):
+                    if not seq.finished:
+                        seq.finished = True
+                        outputs.append(SequenceFailure(seq.request_id, EngineError(
+                            "the inference engine could not decode this batch")))
+                continue
+            for i in range(len(events)):
+                self._translate(lane, events[i], outputs)
+        self._prune()
+        if self._solo.active():
+            outputs.extend(self._solo.step())
+        return outputs
+
+    def close(self) -> None:
+        for request_id in list(self._by_request):
+            self.remove(request_id)
+        self._solo.close()
+        self._lanes.clear()
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _translate(self, lane: _Lane, event: Any, out: list[TokenOutput | SequenceFailure]) -> None:
+        seq = lane.members.get(id(event.request))
+        if seq is None or seq.request is not event.request or seq.finished:
+            return
+        flags = int(event.flags.value)
+        rid = seq.request_id
+        if flags & _FLAG_FAILED:
+            seq.finished = True
+            code = getattr(event.error_code, "name", "unknown").lower()
+            error = EngineError(f"the inference engine failed this request ({code})")
+            out.append(SequenceFailure(rid, error))
+            return
+        if flags & _FLAG_TOKEN and event.token is not None:
+            token = int(event.token)
+            if self.owner.is_eos(token):
+                seq.finished = True
+                out.append(TokenOutput(rid, token, b"", end_of_generation=True))
+                return
+            out.append(TokenOutput(rid, token, str(seq.stream.decode(token)).encode("utf-8")))
+        if flags & _FLAG_FINISHED:
+            seq.finished = True
+            out.extend(_finish_outputs(seq.request_id, event.finish_reason, seq.budget, self.owner.eos_token))
+
+    def _prune(self) -> None:
+        """Keep one idle lane for the next batch; drop the other idle ones (their buffers)."""
+        idle = [lane for lane in self._lanes if lane.idle()]
+        for lane in idle[1:]:
+            self._lanes.remove(lane)
+
+
+def _is_grammar_error(exc: Exception) -> bool:
+    return "grammar" in str(exc).lower()  # onnxruntime-genai: "Error creating grammar: ..."
+
+
+def _start_error(exc: Exception, guided: bool) -> InvalidRequestError | EngineError:
+    """The error a client sees when onnxruntime-genai refuses to start a request."""
+    if guided and _is_grammar_error(exc):
+        return InvalidRequestError(f"unsupported JSON schema: {_scrub(str(exc))}", param="response_format")
+    log.warning("onnxruntime-genai could not start a request: %s", exc)
+    return EngineError("the inference engine could not start this request")
+
+
+def _apply_sampling(turn: Any, sp: SamplingParams) -> None:
+    if sp.temperature <= 0.0:
+        turn.set_do_sample(False)
+        turn.set_temperature(0.0)
+    else:
+        turn.set_do_sample(True)
+        turn.set_temperature(float(sp.temperature))
+        turn.set_top_p(min(max(float(sp.top_p), 1e-6), 1.0))
+        turn.set_top_k(max(int(sp.top_k), 0))
+        if sp.seed is not None:  # only dynamic engines take one; unseeded turns use the engine's RNG
+            turn.set_seed(_seed(sp))
+    if sp.repeat_penalty > 0 and sp.repeat_penalty != 1.0:
+        turn.set_repetition_penalty(float(sp.repeat_penalty))
+
+
+def _finish_outputs(
+    request_id: str, reason: Any, budget: _Budget, eos: int
+) -> list[TokenOutput | SequenceFailure]:
+    """What a finished turn means for the scheduler.
+
+    EOS ends the sequence. Reaching max_tokens is the scheduler's to report (it counts tokens and
+    has already finished the request when this arrives: the extra end marker is then ignored).
+    Running out of context fails the sequence, as the llama.cpp engine does.
+    """
+    name = getattr(reason, "name", str(reason))
+    if name == "CANCELLED":
+        return [SequenceFailure(request_id, EngineError("the inference engine cancelled this request"))]
+    if name == "FAILED":
+        return [SequenceFailure(request_id, EngineError("the inference engine failed this request"))]
+    if name in ("MAX_SESSION_TOKENS", "MAX_GENERATED_TOKENS") and budget.ctx_limited:
+        return [SequenceFailure(request_id, ContextLengthExceededError(
+            f"the sequence reached the context length ({budget.session} tokens)"))]
+    return [TokenOutput(request_id, eos, b"", end_of_generation=True)]
+
+
+# --- og.Generator fallback runner ---------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _GenSeq:
+    request_id: str
+    generator: Any
+    stream: Any
+    prompt: list[int] | None
+    """Prompt still to feed (the first step prefills)."""
+    budget: _Budget
+    generated: int = 0
+
+
+class _GeneratorRunner:
+    """One og.Generator per sequence, each advanced by one token per step (no batched compute)."""
+
+    def __init__(self, owner: OrtGenaiEngine) -> None:
+        self.owner = owner
+        self.max_batch = owner.options.max_batch
+        self._seqs: dict[str, _GenSeq] = {}
+
+    def active(self) -> int:
+        return len(self._seqs)
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._seqs
+
+    def add(self, request: GenerationRequest) -> None:
+        if request.request_id in self._seqs:
+            raise EngineError("duplicate request id")
+        budget = _budget(self.owner, request)
+        sp = request.sampling
+        _check_sampling(sp)
+        params = og.GeneratorParams(self.owner.model)
+        search: dict[str, Any] = {"max_length": budget.session, "do_sample": sp.temperature > 0.0}
+        if sp.temperature > 0.0:
+            search.update(temperature=float(sp.temperature), top_p=min(max(float(sp.top_p), 1e-6), 1.0),
+                          top_k=max(int(sp.top_k), 0), random_seed=_seed(sp) % (1 << 31))
+        if sp.repeat_penalty > 0 and sp.repeat_penalty != 1.0:
+            search["repetition_penalty"] = float(sp.repeat_penalty)
+        guidance = constraint_to_guidance(sp.constraint) if sp.constraint is not None else None
+        try:
+            params.set_search_options(**search)
+            if guidance is not None:
+                params.set_guidance(*guidance)
+            generator = og.Generator(self.owner.model, params)
+        except Exception as exc:
+            raise _start_error(exc, guidance is not None) from exc
+        self._seqs[request.request_id] = _GenSeq(
+            request.request_id, generator, self.owner.create_stream(), list(request.prompt_tokens), budget
+        )
+
+    def remove(self, request_id: str) -> None:
+        self._seqs.pop(request_id, None)  # dropping the generator frees its KV cache
+
+    def step(self) -> list[TokenOutput | SequenceFailure]:
+        outputs: list[TokenOutput | SequenceFailure] = []
+        for seq in list(self._seqs.values()):
+            if seq.budget.max_new <= seq.generated:
+                continue
+            try:
+                if seq.prompt is not None:
+                    seq.generator.append_tokens(np.asarray(seq.prompt, dtype=np.int32))
+                    seq.prompt = None
+                seq.generator.generate_next_token()
+                token = int(seq.generator.get_next_tokens()[0])
+            except Exception as exc:
+                log.error("og.Generator step failed: %s", exc)
+                seq.generated = seq.budget.max_new
+                outputs.append(SequenceFailure(seq.request_id, EngineError(
+                    "the inference engine could not decode this sequence")))
+                continue
+            seq.generated += 1
+            if self.owner.is_eos(token):
+                seq.generated = seq.budget.max_new
+                outputs.append(TokenOutput(seq.request_id, token, b"", end_of_generation=True))
+                continue
+            outputs.append(TokenOutput(seq.request_id, token, str(seq.stream.decode(token)).encode("utf-8")))
+            if seq.generated >= seq.budget.max_new or seq.generator.is_done():
+                seq.generated = seq.budget.max_new
+                outputs.extend(_finish_outputs(seq.request_id, "MAX_GENERATED_TOKENS", seq.budget,
+                                               self.owner.eos_token))
+        return outputs
+
+    def close(self) -> None:
+        self._seqs.clear()
