@@ -44,6 +44,7 @@ def load_engine(fmt: str, path: Path, options: EngineOptions) -> Engine:
                 execution_provider=options.execution_provider,
                 max_batch=options.max_batch,
                 n_ctx=options.n_ctx,
+                n_threads=options.n_threads,
             ),
         )
     raise ModelLoadError(f"unsupported model format '{fmt}'")

