@@ -3,8 +3,8 @@
 GGUF and tokenizer_config templates are untrusted input (CVE-2024-34359 was remote code execution
 through exactly this in llama-cpp-python). We render them with jinja2's
 ``ImmutableSandboxedEnvironment`` and add budgets: a deadline checked at every call and every
-output chunk, a cap on total ``range`` iterations, a cap on string repetition, and a cap on the
-size of the source and of the rendered prompt.
+output chunk and every loop iteration, caps on total ``range`` items and loop iterations, a cap on
+string repetition, and a cap on the size of the source and of the rendered prompt.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import operator
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import InvalidRequestError, ModelLoadError
@@ -25,6 +26,8 @@ from ..errors import InvalidRequestError, ModelLoadError
 MAX_TEMPLATE_CHARS = 256 * 1024
 MAX_OUTPUT_CHARS = 4 * 1024 * 1024
 MAX_RANGE_ITEMS = 1_000_000
+MAX_LOOP_ITERATIONS = 1_000_000
+_LOOP_GUARD = "_fl_loop_guard"
 
 
 class TemplateBudgetExceeded(Exception):
@@ -35,6 +38,7 @@ class _Budget:
     def __init__(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
         self.range_left = MAX_RANGE_ITEMS
+        self.loop_left = MAX_LOOP_ITERATIONS
 
     def check(self) -> None:
         if time.monotonic() > self.deadline:
@@ -48,6 +52,19 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
     """Sandbox whose every call and arithmetic on sequences is metered by the render's budget."""
 
     intercepted_binops = frozenset(["*", "**"])
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        """Parse, then route every ``for`` loop's iterable through the metered iterator.
+
+        Without this a loop whose body neither calls anything nor outputs anything (nested
+        loops over a long literal, say) never reaches a budget check and runs forever.
+        """
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Call(nodes.Name(_LOOP_GUARD, "load", lineno=loop.lineno), [loop.iter], [],
+                                   None, None, lineno=loop.lineno)
+        tree.set_environment(self)
+        return tree
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
         if operator_name == "*":
@@ -147,6 +164,7 @@ def _new_env() -> _BudgetedEnvironment:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["range"] = _metered_range
+    env.globals[_LOOP_GUARD] = _metered_loop
     return env
 
 
@@ -171,3 +189,20 @@ def _metered_range(*args: int) -> range:
             raise TemplateBudgetExceeded("chat template loops too long")
         budget.check()
     return r
+
+
+def _metered_loop(iterable: Iterable[Any]) -> Iterable[Any]:
+    """Every template loop iterates through this: each item counts and checks the deadline."""
+    budget = _BUDGET.get()
+    if budget is None:
+        return iterable
+    return _metered_items(iterable, budget)
+
+
+def _metered_items(iterable: Iterable[Any], budget: _Budget) -> Iterator[Any]:
+    for item in iterable:
+        budget.loop_left -= 1
+        if budget.loop_left < 0:
+            raise TemplateBudgetExceeded("chat template loops too long")
+        budget.check()
+        yield item
