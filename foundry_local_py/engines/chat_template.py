@@ -149,7 +149,8 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as exc:
             # raise_exception() in templates reports what the template rejects (roles, order).
             raise InvalidRequestError(f"chat template error: {exc}", param="messages") from exc
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError,
+                RecursionError) as exc:
             raise InvalidRequestError(
                 f"chat template could not render these messages ({type(exc).__name__})",
                 param="messages",
