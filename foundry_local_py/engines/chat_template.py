@@ -9,6 +9,7 @@ string repetition, and a cap on the size of the source and of the rendered promp
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import time
@@ -28,6 +29,7 @@ MAX_OUTPUT_CHARS = 4 * 1024 * 1024
 MAX_RANGE_ITEMS = 1_000_000
 MAX_LOOP_ITERATIONS = 1_000_000
 _LOOP_GUARD = "_fl_loop_guard"
+_CONCAT = "_fl_concat"
 
 
 class TemplateBudgetExceeded(Exception):
@@ -51,18 +53,23 @@ _BUDGET: ContextVar[_Budget | None] = ContextVar("chat_template_budget", default
 class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
     """Sandbox whose every call and arithmetic on sequences is metered by the render's budget."""
 
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "+"])
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        """Parse, then route every ``for`` loop's iterable through the metered iterator.
+        """Parse, then route every ``for`` loop's iterable through the metered iterator and
+        every ``~`` concatenation through a size-checked join.
 
         Without this a loop whose body neither calls anything nor outputs anything (nested
-        loops over a long literal, say) never reaches a budget check and runs forever.
+        loops over a long literal, say) never reaches a budget check and runs forever, and
+        ``{% set ns.s = ns.s ~ ns.s %}`` in a loop doubles a string into gigabytes.
         """
         tree = super()._parse(source, name, filename)
         for loop in tree.find_all(nodes.For):
             loop.iter = nodes.Call(nodes.Name(_LOOP_GUARD, "load", lineno=loop.lineno), [loop.iter], [],
                                    None, None, lineno=loop.lineno)
+        for concat in tree.find_all(nodes.Concat):
+            concat.nodes = [nodes.Call(nodes.Name(_CONCAT, "load", lineno=concat.lineno), concat.nodes, [],
+                                       None, None, lineno=concat.lineno)]
         tree.set_environment(self)
         return tree
 
@@ -74,6 +81,12 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
                 if too_big:
                     raise TemplateBudgetExceeded("chat template built a too large value")
             return operator.mul(left, right)
+        if operator_name == "+":
+            sized = (str, list, tuple)
+            if isinstance(left, sized) and isinstance(right, sized) and (
+                    len(left) + len(right) > MAX_OUTPUT_CHARS):
+                raise TemplateBudgetExceeded("chat template built a too large value")
+            return operator.add(left, right)
         if operator_name == "**":
             if isinstance(right, (int, float)) and abs(right) > 64:
                 raise TemplateBudgetExceeded("chat template exponent too large")
@@ -84,7 +97,46 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
         budget = _BUDGET.get()
         if budget is not None:
             budget.check()
-        return super().call(__context, __obj, *args, **kwargs)
+        if isinstance(getattr(__obj, "__self__", None), (str, bytes, list, tuple)):
+            _check_sizes(args, kwargs)  # 'x'.ljust(n), 'x'.center(n), ...
+        return _checked_result(super().call(__context, __obj, *args, **kwargs))
+
+
+def _check_sizes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse integer arguments that could only serve to build huge values ('x'.ljust(10**10))."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_OUTPUT_CHARS:
+            raise TemplateBudgetExceeded("chat template passed a too large argument")
+
+
+def _checked_result(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_OUTPUT_CHARS:
+        raise TemplateBudgetExceeded("chat template built a too large value")
+    return value
+
+
+def _guard_filter(func: Any) -> Any:
+    """Filters are called directly by compiled templates (not through ``call``): same checks."""
+
+    # The filtered value comes first (after the context, for pass_context filters): not checked.
+    skip = 2 if getattr(func, "jinja_pass_arg", None) is not None else 1
+
+    @functools.wraps(func)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.check()
+        _check_sizes(args[skip:], kwargs)
+        return _checked_result(func(*args, **kwargs))
+
+    return guarded
+
+
+def _concat(*parts: Any) -> str:
+    pieces = [str(p) for p in parts]
+    if sum(len(p) for p in pieces) > MAX_OUTPUT_CHARS:
+        raise TemplateBudgetExceeded("chat template built a too large value")
+    return "".join(pieces)
 
 
 def _raise_exception(message: str) -> None:
@@ -166,6 +218,8 @@ def _new_env() -> _BudgetedEnvironment:
     env.globals["strftime_now"] = _strftime_now
     env.globals["range"] = _metered_range
     env.globals[_LOOP_GUARD] = _metered_loop
+    env.globals[_CONCAT] = _concat
+    env.filters = {name: _guard_filter(f) for name, f in env.filters.items()}
     return env
 
 
