@@ -106,7 +106,9 @@ class OutputProcessor:
 
     def _flush(self, *, final: bool) -> Delta | None:
         if final:
-            self._pending += self._decoder.decode(b"", final=True)
+            # Bytes of a character that max_tokens (or the end of generation) cut in half are
+            # dropped: decoding them would put a U+FFFD replacement character into the text.
+            self._decoder.reset()
         if self.stop and final:
             cut = self._find_stop()
             if cut is not None:
