@@ -102,5 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = _request_id(request)
         log.exception("unhandled error in request %s", rid, exc_info=exc)
+        # Starlette runs this handler outside every middleware, GuardMiddleware included, so the
+        # X-Request-Id header it adds to all other responses is set here.
         return error_response(500, f"The server had an error processing your request (request id {rid}).",
-                              type_="server_error", code="internal_error")
+                              type_="server_error", code="internal_error", headers={"X-Request-Id": rid})
