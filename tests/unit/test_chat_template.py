@@ -124,6 +124,11 @@ def test_template_features_still_work() -> None:
     )
 
 
+def test_large_numbers_that_build_nothing_are_fine() -> None:
+    src = "{% set ns = namespace(limit=99999999) %}{{ ns.limit }} {{ 10 ** 12 }} {{ 'ab'.ljust(4, '-') }}"
+    assert ChatTemplate(src).render(MSGS) == "99999999 1000000000000 ab--"
+
+
 def test_messages_are_not_mutated() -> None:
     msgs = [{"role": "user", "content": "hi"}]
     with pytest.raises(InvalidRequestError):
