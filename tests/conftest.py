@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import DRAINED_EXIT_CODES, GEMMA_VARIANT, ServerProcess
+from tests.support.serving import DRAINED_EXIT_CODES, ServerProcess
 
 # One decode thread: on a shared 2-core machine llama.cpp's spinning worker threads slow down 5-20x
 # whenever another process takes a core; with one thread the suite's runtime stays predictable.
@@ -46,12 +46,8 @@ def http(base_url: str) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def gemma(http: httpx.Client) -> str:
-    """Make sure gemma3-270m is loaded on the shared server; returns its alias.
-
-    It is loaded by variant id: on a fresh cache the alias alone is not resolvable yet (see
-    tests/api/test_gemma.py::test_alias_resolves_on_a_fresh_cache).
-    """
-    r = http.get(f"/openai/load/{GEMMA_VARIANT}")
+    """Make sure gemma3-270m is loaded on the shared server; returns its alias."""
+    r = http.get("/openai/load/gemma3-270m")
     assert r.status_code == 200, r.text
     return "gemma3-270m"
 

@@ -8,7 +8,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.support import SMOLLM
+from tests.support.serving import SMOLLM
 
 pytestmark = pytest.mark.slow
 

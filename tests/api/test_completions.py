@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.support import SMOLLM
+from tests.support.serving import SMOLLM
 
 pytestmark = pytest.mark.slow
 

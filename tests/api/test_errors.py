@@ -4,13 +4,14 @@ leaks nothing, and leaves the server serving. Items 1, 3-10 and 21 of the bad-in
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.support import SMOLLM, assert_openai_error, chat_body
+from tests.support.serving import SMOLLM, assert_openai_error, chat_body
 
 pytestmark = pytest.mark.slow
 
@@ -192,22 +193,31 @@ def test_bad_request_via_client(client: openai.OpenAI) -> None:
     assert info.value.body["param"] == "n"
 
 
+def _n_ctx(http: httpx.Client) -> int:
+    n = http.get(f"/v1/models/{SMOLLM}").json()["context_length"]
+    assert isinstance(n, int) and n > 0
+    return n
+
+
 def test_context_length_exceeded_quotes_both_counts(http: httpx.Client) -> None:
-    long = "hello world " * 5000  # about 10k tokens, over SmolLM2's 8192
+    n_ctx = _n_ctx(http)
+    long = "hello world " * n_ctx  # about 2 tokens a repetition: twice the context
     r = http.post(CHAT, json=chat_body(long))
     err = assert_openai_error(r, 400, code="context_length_exceeded", param="messages")
-    numbers = [int(n) for n in __import__("re").findall(r"\d+", err["message"])]
-    assert 8192 in numbers
-    assert any(n > 8192 for n in numbers), err["message"]
+    numbers = [int(n) for n in re.findall(r"\d+", err["message"])]
+    assert n_ctx in numbers
+    assert any(n > n_ctx for n in numbers), err["message"]
     r = http.post(COMPLETIONS, json={"model": SMOLLM, "prompt": long, "max_tokens": 2})
     err = assert_openai_error(r, 400, code="context_length_exceeded", param="prompt")
-    assert "8192" in err["message"]
+    numbers = [int(n) for n in re.findall(r"\d+", err["message"])]
+    assert n_ctx in numbers and any(n > n_ctx for n in numbers), err["message"]
 
 
 def test_prompt_plus_max_tokens_over_context(http: httpx.Client) -> None:
-    r = http.post(CHAT, json=chat_body(max_tokens=8190))
+    n_ctx = _n_ctx(http)
+    r = http.post(CHAT, json=chat_body(max_tokens=n_ctx - 2))
     err = assert_openai_error(r, 400, code="context_length_exceeded", param="max_tokens")
-    assert "8192" in err["message"] and "8190" in err["message"]
+    assert str(n_ctx) in err["message"] and str(n_ctx - 2) in err["message"]
 
 
 @pytest.mark.parametrize(
@@ -254,7 +264,7 @@ def test_tool_choice_names_a_missing_tool(http: httpx.Client) -> None:
 
 def test_limits_refused_without_blocking_the_loop(http: httpx.Client, base_url: str) -> None:
     """Refusals of n / top_logprobs / logit_bias come back while a long generation is still running."""
-    from tests.support import scrape
+    from tests.support.serving import scrape
 
     with (
         httpx.Client(base_url=base_url, timeout=120) as other,
@@ -290,9 +300,11 @@ def test_unknown_routes_and_methods(http: httpx.Client, method: str, path: str, 
 
 
 def test_errors_are_counted_by_status(http: httpx.Client, base_url: str) -> None:
-    from tests.support import scrape
+    from tests.support.serving import scrape
 
     before = scrape(base_url).get("foundry_local_requests_total", model=SMOLLM, status="400")
-    http.post(CHAT, json=chat_body("x " * 9000))  # context length: a 400 after the model is known
+    http.post(
+        CHAT, json=chat_body("x " * (2 * _n_ctx(http)))
+    )  # context length: a 400 once the model is known
     after = scrape(base_url).get("foundry_local_requests_total", model=SMOLLM, status="400")
     assert after == before + 1

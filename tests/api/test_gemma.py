@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import GEMMA, assert_openai_error
+from tests.support.serving import GEMMA, assert_openai_error
 
 pytestmark = pytest.mark.slow
 
@@ -51,15 +51,8 @@ def test_both_models_serve_side_by_side(client: openai.OpenAI, gemma: str) -> No
     assert a.usage.completion_tokens == b.usage.completion_tokens == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (cache/store.py, not the server): a multi-part package model counts as available only "
-        "after it has been assembled, so on a fresh cache the alias 'gemma3-270m' is a 404 even though "
-        "its [gemma] packages are installed; the variant id works and assembles it."
-    ),
-)
 def test_alias_resolves_on_a_fresh_cache(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """The installed [gemma] packages make the alias usable before anything assembled the file."""
     proc = server_factory("--no-preload")
     r = httpx.post(
         proc.url("/v1/completions"),

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import SMOLLM, poll, scrape
+from tests.support.serving import SMOLLM, poll, scrape
 
 pytestmark = pytest.mark.slow
 

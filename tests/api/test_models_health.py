@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import GEMMA_VARIANT, SMOLLM, assert_openai_error
+from tests.support.serving import GEMMA_VARIANT, SMOLLM, assert_openai_error
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_models_list(client: openai.OpenAI, http: httpx.Client) -> None:
     assert card["object"] == "model"
     assert card["owned_by"] == "HuggingFaceTB"
     assert card["loaded"] is True and card["engine"] == "llama.cpp" and card["device"] == "cpu"
-    assert card["context_length"] == 8192
+    assert isinstance(card["context_length"], int) and card["context_length"] >= 512
 
 
 def test_model_retrieve(client: openai.OpenAI, http: httpx.Client) -> None:

@@ -10,7 +10,7 @@ import openai
 import psutil
 import pytest
 
-from tests.support import SMOLLM, assert_openai_error, chat_body
+from tests.support.serving import SMOLLM, assert_openai_error, chat_body
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ PROTECTED = [
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from tests.conftest import TEST_SERVER_ARGS
-    from tests.support import DRAINED_EXIT_CODES, ServerProcess
+    from tests.support.serving import DRAINED_EXIT_CODES, ServerProcess
 
     root = tmp_path_factory.mktemp("keyed")
     proc = ServerProcess(

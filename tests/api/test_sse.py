@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.support import SMOLLM, chat_body, sse_json
+from tests.support.serving import SMOLLM, chat_body, sse_json
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.support import SMOLLM, scrape
+from tests.support.serving import SMOLLM, scrape
 
 pytestmark = pytest.mark.slow
 

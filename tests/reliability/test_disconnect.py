@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.support import SMOLLM, chat_body, poll, scrape
+from tests.support.serving import SMOLLM, chat_body, poll, scrape
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.support import SMOLLM, assert_openai_error, chat_body, poll, scrape
+from tests.support.serving import SMOLLM, assert_openai_error, chat_body, poll, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ LONG = chat_body("Write a very long story about dragons.", max_tokens=2000, stre
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from tests.conftest import TEST_SERVER_ARGS
-    from tests.support import DRAINED_EXIT_CODES, ServerProcess
+    from tests.support.serving import DRAINED_EXIT_CODES, ServerProcess
 
     root = tmp_path_factory.mktemp("small-queue")
     proc = ServerProcess(

@@ -18,8 +18,8 @@ from foundry_local_py.config import Settings
 from foundry_local_py.engines.factory import EngineOptions
 from foundry_local_py.server import middleware
 from foundry_local_py.server.app import create_app
-from tests.fakes import FakeEngine, Script
-from tests.support import Metrics, assert_openai_error, sse_json
+from tests.support.fake_engine import FakeEngine, Script
+from tests.support.serving import Metrics, assert_openai_error, sse_json
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,7 +44,7 @@ def _catalog(root: Path) -> Path:
     models = []
     for alias, task in (("fake-chat", "chat-completion"), ("fake-base", "text-completion")):
         f = root / f"{alias}.gguf"
-        f.write_bytes(b"fake")
+        f.write_bytes(b"GGUF" + bytes(28))  # the store checks the magic of local GGUF files
         models.append(
             {
                 "alias": alias,

