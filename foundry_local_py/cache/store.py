@@ -25,7 +25,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..errors import IntegrityError, InvalidRequestError, ModelNotFoundError
+from ..errors import IntegrityError, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from .catalog import (
     CatalogModel,
     ConvertSource,
@@ -204,7 +204,10 @@ class ModelStore:
         if not path.exists():
             raise ModelNotFoundError(variant.id, detail="Its registered path no longer exists.")
         if verify:
-            check_local_model(path, variant.format)
+            try:
+                check_local_model(path, variant.format)
+            except InvalidRequestError as exc:  # the model went bad after it was registered
+                raise ModelLoadError(f"'{variant.id}' cannot be loaded: {exc.message}") from exc
         return path
 
     def _resolve_package(

@@ -6,6 +6,8 @@ Flags override environment variables (``FOUNDRY_LOCAL_*``), which override defau
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,6 +63,9 @@ def serve(  # noqa: PLR0917 - one parameter per flag, as typer wants
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"foundry-local-py serving on http://{settings.host}:{settings.port}/v1 "
                f"(model {settings.default_model})", err=True)
+    # uvicorn drains on SIGTERM, then re-raises the signal it caught so the previous handler runs:
+    # make that handler a clean exit, so a drained shutdown ends with status 0, not "killed".
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=settings.host,

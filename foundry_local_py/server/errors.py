@@ -25,7 +25,7 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _request_id(request: Request) -> str:
+def request_id(request: Request) -> str:
     return str(getattr(request.state, "request_id", "unknown"))
 
 
@@ -80,8 +80,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FoundryError)
     async def _foundry(request: Request, exc: FoundryError) -> JSONResponse:
         if exc.status >= 500:
-            log.error("request %s failed: %s", _request_id(request), exc.message, exc_info=exc)
-        return foundry_error_response(exc, _request_id(request))
+            log.error("request %s failed: %s", request_id(request), exc.message, exc_info=exc)
+        return foundry_error_response(exc, request_id(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -100,7 +100,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        rid = _request_id(request)
+        rid = request_id(request)
         log.exception("unhandled error in request %s", rid, exc_info=exc)
         # Starlette runs this handler outside every middleware, GuardMiddleware included, so the
         # X-Request-Id header it adds to all other responses is set here.

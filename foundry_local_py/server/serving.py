@@ -143,14 +143,20 @@ class Recorder:
     metrics: Metrics
     model: str
     endpoint: str
+    request_id: str = "unknown"
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    prompt_tokens: int = 0
+    """Set once the prompt is tokenized: counted even if the client leaves before the end."""
+    tokens_seen: int = 0
+    finished: bool = False
     done: bool = False
 
     def on_text(self, event: TextEvent) -> None:
         if event.n_tokens <= 0:
             return
+        self.tokens_seen += event.n_tokens
         if self.first_token_at is None:
             self.first_token_at = event.t
             self.metrics.ttft.labels(self.model).observe(max(0.0, event.t - self.started))
@@ -164,6 +170,7 @@ class Recorder:
         self.last_token_at = event.t
 
     def on_finish(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.finished = True
         self.metrics.prompt_tokens.labels(self.model).inc(prompt_tokens)
         self.metrics.generation_tokens.labels(self.model).inc(completion_tokens)
 
@@ -171,6 +178,10 @@ class Recorder:
         if self.done:
             return
         self.done = True
+        if not self.finished and (self.prompt_tokens or self.tokens_seen):
+            # The client left (or the stream failed) mid-way: the work done still counts.
+            self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+            self.metrics.generation_tokens.labels(self.model).inc(self.tokens_seen)
         self.metrics.requests.labels(self.model, self.endpoint, status).inc()
         self.metrics.request_duration.labels(self.model, self.endpoint).observe(
             time.monotonic() - self.started
@@ -250,8 +261,13 @@ def chunk_json(model: BaseModel) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
-def error_chunk(error: FoundryError) -> str:
-    return json.dumps(error.to_dict())
+def error_chunk(error: FoundryError, request_id: str) -> str:
+    """An error after the stream started: the same body as an HTTP error (5xx quote the request id)."""
+    body = error.to_dict()
+    if error.status >= 500:
+        body["error"]["message"] = f"{error.message} (request id {request_id})"
+    return json.dumps(body)
+
 
 
 def chat_logprobs(entries: list[LogprobEntry]) -> list[dict[str, object]]:

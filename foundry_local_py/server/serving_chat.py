@@ -35,6 +35,7 @@ from ..protocol.chat import (
 )
 from ..protocol.common import ChoiceLogprobs, TokenLogprob, Usage
 from ..scheduler.scheduler import ErrorEvent, FinishEvent, RequestHandle, StreamEvent, TextEvent
+from .errors import request_id
 from .model_manager import LoadedModel
 from .serving import (
     Recorder,
@@ -139,7 +140,7 @@ class ChatServing:
         check_common(req, settings, top_logprobs=top_lp)
         plan = _Plan(req)
         lm = await self.ctx.manager.get(req.model, ep=req.ep, ttl=req.ttl)
-        recorder = Recorder(self.ctx.metrics, lm.alias, ENDPOINT)
+        recorder = Recorder(self.ctx.metrics, lm.alias, ENDPOINT, request_id(raw))
         try:
             return await self._run(req, raw, lm, plan, top_lp, recorder)
         except FoundryError as exc:
@@ -167,6 +168,7 @@ class ChatServing:
             return lm.engine.tokenize(prompt, add_special=add_special)
 
         tokens = await anyio.to_thread.run_sync(render_and_tokenize)
+        recorder.prompt_tokens = len(tokens)
         max_tokens = completion_budget(lm, len(tokens), req.token_limit(), "messages")
         gen = GenerationRequest(new_id("chatcmpl"), tokens, max_tokens, sampling, req.stop_list())
         handle = submit(lm, gen)
@@ -274,7 +276,7 @@ class ChatServing:
                     status = "200"
                 elif isinstance(event, ErrorEvent):
                     status = str(event.error.status)
-                    yield error_chunk(event.error)
+                    yield error_chunk(event.error, recorder.request_id)
             yield "[DONE]"
         finally:
             if not handle.done:

@@ -22,6 +22,7 @@ from ..protocol.common import Usage
 from ..protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from ..scheduler.output import LogprobEntry
 from ..scheduler.scheduler import ErrorEvent, FinishEvent, RequestHandle, StreamEvent, TextEvent
+from .errors import request_id
 from .model_manager import LoadedModel
 from .serving import (
     Recorder,
@@ -67,7 +68,7 @@ class CompletionServing:
             raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
         check_common(req, self.ctx.settings, top_logprobs=req.logprobs)
         lm = await self.ctx.manager.get(req.model, ep=req.ep, ttl=req.ttl)
-        recorder = Recorder(self.ctx.metrics, lm.alias, ENDPOINT)
+        recorder = Recorder(self.ctx.metrics, lm.alias, ENDPOINT, request_id(raw))
         try:
             return await self._run(req, raw, lm, prompts, recorder)
         except FoundryError as exc:
@@ -94,6 +95,7 @@ class CompletionServing:
             return out
 
         token_lists = await anyio.to_thread.run_sync(tokenize_all)
+        recorder.prompt_tokens = sum(len(t) for t in token_lists)
         cid = new_id("cmpl")
         gens = [
             GenerationRequest(f"{cid}-{i}", toks,
@@ -201,7 +203,7 @@ class CompletionServing:
                     yield chunk(index, "", finish=event.reason)
                 elif isinstance(event, ErrorEvent):
                     status = str(event.error.status)
-                    yield error_chunk(event.error)
+                    yield error_chunk(event.error, recorder.request_id)
                     break
             else:
                 if req.include_usage():

@@ -6,10 +6,12 @@ import base64
 import struct
 
 import anyio
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ..errors import FoundryError, InvalidRequestError
 from ..protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from .errors import request_id
 from .serving import Recorder, ServingContext
 
 ENDPOINT = "/v1/embeddings"
@@ -20,12 +22,12 @@ class EmbeddingServing:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    async def create(self, req: EmbeddingRequest) -> JSONResponse:
+    async def create(self, req: EmbeddingRequest, raw: Request) -> JSONResponse:
         inputs = req.inputs()
         if len(inputs) > MAX_INPUTS:
             raise InvalidRequestError(f"at most {MAX_INPUTS} inputs per request", param="input")
         lm = await self.ctx.manager.get(req.model)
-        recorder = Recorder(self.ctx.metrics, lm.alias, ENDPOINT)
+        recorder = Recorder(self.ctx.metrics, lm.alias, ENDPOINT, request_id(raw))
         try:
             info = lm.engine.info
             if not info.supports_embeddings:

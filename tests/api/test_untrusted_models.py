@@ -80,13 +80,12 @@ def bad_models(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     assert rc in DRAINED_EXIT_CODES, proc.log()[-2000:]
 
 
-@pytest.mark.parametrize(
-    ("alias", "status"),
-    [("garbage", (400, 500)), ("empty", (400, 500)), ("header-only", (500,)), ("half", (500,))],
-)
-def test_corrupt_model_file(bad_models, alias: str, status: tuple[int, ...]) -> None:  # type: ignore[no-untyped-def]
-    """A clear error (no bad magic: refused before loading; a truncated GGUF: load failure), the same
-    on a second try (no half-loaded leftovers), and the server keeps serving the good model."""
+@pytest.mark.parametrize("alias", ["garbage", "empty", "header-only", "half"])
+def test_corrupt_model_file(bad_models, alias: str) -> None:  # type: ignore[no-untyped-def]
+    """A clear load failure (bad magic is refused before llama.cpp sees the file; a truncated GGUF
+    fails in llama.cpp), the same on a second try (no half-loaded leftovers), and the server keeps
+    serving the good model."""
+    status = (500,)
     for _ in range(2):
         r = httpx.post(
             bad_models.url("/v1/completions"),

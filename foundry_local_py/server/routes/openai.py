@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ...engines.chat_format import ToolSpec
 from ...errors import ModelNotFoundError
 from ...protocol.chat import ChatCompletionRequest
 from ...protocol.completions import CompletionRequest
@@ -39,7 +40,7 @@ async def completions(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     core = get_core(request)
     body = await parse_body(request, EmbeddingRequest)
-    return await core.embeddings.create(body)
+    return await core.embeddings.create(body, request)
 
 
 def model_cards(core: Core) -> list[ModelCard]:
@@ -87,10 +88,12 @@ async def count_tokens(request: Request) -> JSONResponse:
     lm = await core.manager.get(body.model)
     formatter = lm.formatter
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    tools = [ToolSpec(t.function.name, t.function.description, t.function.parameters or {})
+             for t in body.tools or []] if body.tool_choice != "none" else []
 
     def count() -> int:
         if formatter is None:
             return len(lm.engine.tokenize("\n".join(m["content"] for m in messages)))
-        return len(lm.engine.tokenize(formatter.render(messages), add_special=False))
+        return len(lm.engine.tokenize(formatter.render(messages, tools=tools or None), add_special=False))
 
     return JSONResponse({"tokenCount": await anyio.to_thread.run_sync(count)})
