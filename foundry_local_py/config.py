@@ -51,6 +51,8 @@ class Settings(BaseSettings):
         default_factory=list, description="Origins allowed by CORS (never '*' with credentials)."
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body accepted.")
+    max_header_bytes: int = Field(64 * 1024, gt=0, description="Largest total size of request headers.")
+    max_header_count: int = Field(256, gt=0, description="Most request header fields accepted.")
 
     # --- models and cache ----------------------------------------------------------------
     cache_dir: Path = Field(

@@ -123,34 +123,41 @@ async def _one(
     }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     res = RequestResult(ok=False, start=time.perf_counter())
-    parts: list[str] = []
+    # Only timestamp raw bytes while streaming; split and parse afterwards, so the client's own CPU
+    # use (same machine, two cores) stays out of the measurement as much as possible.
+    arrivals: list[tuple[float, bytes]] = []
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}"
                 await resp.aread()
                 return res
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    res.error = str(chunk["error"].get("message"))[:200]
-                    return res
-                for choice in chunk.get("choices", []):
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        now = time.perf_counter()
-                        if res.first is None:
-                            res.first = now
-                        res.last = now
-                        parts.append(content)
+            async for data in resp.aiter_raw():
+                arrivals.append((time.perf_counter(), data))
         res.ok = True
     except httpx.HTTPError as exc:
         res.error = type(exc).__name__
+    parts: list[str] = []
+    pending = b""
+    for when, data in arrivals:
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                res.ok = False
+                res.error = str(chunk["error"].get("message"))[:200]
+                continue
+            for choice in chunk.get("choices", []):
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    if res.first is None:
+                        res.first = when
+                    res.last = when
+                    parts.append(content)
     res.text = "".join(parts)
     return res
 
@@ -187,3 +194,16 @@ async def run_level(
 async def warm_up(base_url: str, model: str, api_key: str | None = None) -> None:
     async with httpx.AsyncClient(timeout=300) as client:
         await _one(client, base_url.rstrip("/") + "/chat/completions", model, "Hello", 8, api_key=api_key)
+
+
+async def single_stream_tps(
+    base_url: str, model: str, *, max_tokens: int, count_tokens: Callable[[str], int],
+    api_key: str | None = None, prompt: str = PROMPTS[0],
+) -> float:
+    """Decode tokens/s of one request alone (first content token to last), as a client sees it."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        r = await _one(client, base_url.rstrip("/") + "/chat/completions", model, prompt, max_tokens,
+                       api_key=api_key)
+    if not r.ok or r.first is None or r.last is None or r.last <= r.first:
+        return 0.0
+    return (count_tokens(r.text) - 1) / (r.last - r.first)

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import json
 import platform
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .load import LevelResult, run_level, warm_up
+from .load import LevelResult, run_level, single_stream_tps, warm_up
 from .servers import ServerProcess, start_llama_cpp_server, start_ours
 
 
@@ -32,6 +33,8 @@ class BenchConfig:
     n_ctx: int = 4096
     api_key: str | None = None
     json_path: Path | None = None
+    pairs: int = 6
+    """Single-stream rounds, each paired with a ceiling measurement right before it."""
     log_dir: Path = Path(".bench-logs")
     server_args: list[str] = field(default_factory=list)
 
@@ -82,11 +85,12 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
         "model": cfg.model, "gguf": gguf.name if gguf else None, "requests_per_level": cfg.requests,
         "max_tokens": cfg.max_tokens, "n_threads": cfg.n_threads, "systems": {},
     }
+    ceiling = None
     if cfg.ceiling and gguf:
-        from .ceiling import llama_cpp_decode_tps
+        from .ceiling import DecodeCeiling
 
-        console.print("measuring the in-process llama.cpp decode ceiling ...")
-        report["ceiling_decode_tps"] = round(llama_cpp_decode_tps(gguf, n_threads=cfg.n_threads), 1)
+        ceiling = DecodeCeiling(gguf, n_threads=cfg.n_threads)
+        report["ceiling_decode_tps"] = round(max(ceiling.measure() for _ in range(3)), 1)
 
     servers: list[ServerProcess] = []
     targets: list[tuple[str, str, str]] = []  # (name, base_url, model name to send)
@@ -107,6 +111,9 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
             targets.append(("llama_cpp.server", peer.base_url, "peer"))
         for _, url, model in targets:
             asyncio.run(warm_up(url, model, cfg.api_key))
+        if ceiling is not None and cfg.pairs > 0:
+            console.print(f"single stream vs the in-process ceiling, {cfg.pairs} alternating pairs ...")
+            report["single_stream_vs_ceiling"] = _paired(cfg, ceiling, targets, count)
         results: dict[str, list[LevelResult]] = {name: [] for name, _, _ in targets}
         for i, c in enumerate(cfg.concurrency):
             # Alternate who goes first at each level so drift does not favour one system.
@@ -126,10 +133,40 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
     finally:
         for s in servers:
             s.stop()
+        if ceiling is not None:
+            ceiling.close()
     print_report(report, console)
     if cfg.json_path:
         cfg.json_path.write_text(json.dumps(report, indent=2))
     return report
+
+
+def _paired(cfg: BenchConfig, ceiling: Any, targets: list[tuple[str, str, str]],
+            count: Callable[[str], int]) -> dict[str, Any]:
+    """Each round: the ceiling, then one request to each system; ratios taken pair by pair, so a
+    machine whose speed drifts (shared, thermally limited) does not bias them."""
+    ratios: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    ceilings: list[float] = []
+    for i in range(cfg.pairs):
+        order = targets if i % 2 == 0 else list(reversed(targets))
+        for name, url, model in order:
+            c = ceiling.measure(128)
+            tps = asyncio.run(single_stream_tps(url, model, max_tokens=128, count_tokens=count,
+                                                api_key=cfg.api_key))
+            ceilings.append(c)
+            if c > 0 and tps > 0:
+                ratios[name].append(tps / c)
+                rates[name].append(tps)
+    return {
+        name: {
+            "median_ratio": round(statistics.median(r), 3) if r else None,
+            "min_ratio": round(min(r), 3) if r else None,
+            "max_ratio": round(max(r), 3) if r else None,
+            "median_tps": round(statistics.median(rates[name]), 1) if rates[name] else None,
+        }
+        for name, r in ratios.items()
+    } | {"median_ceiling_tps": round(statistics.median(ceilings), 1)}
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -145,6 +182,13 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     ceiling = report.get("ceiling_decode_tps")
     if ceiling:
         console.print(f"in-process llama.cpp decode ceiling: {ceiling} tok/s")
+    paired = report.get("single_stream_vs_ceiling")
+    if paired:
+        for name, v in paired.items():
+            if isinstance(v, dict):
+                console.print(f"{name} single stream (128 tokens) / ceiling, paired: median "
+                              f"{v['median_ratio']}x (min {v['min_ratio']}, max {v['max_ratio']}), "
+                              f"{v['median_tps']} tok/s")
     systems = report["systems"]
     names = list(systems)
     table = Table(show_lines=False)
@@ -172,16 +216,6 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                     _ratio(a["ttft_p50_ms"], b["ttft_p50_ms"])]
         table.add_row(*row)
     console.print(table)
-    if ceiling and names:
-        first = systems[names[0]]["levels"][0]
-        if first["concurrency"] == 1 and first["per_stream_tps"]:
-            console.print(f"{names[0]} single-stream decode / ceiling: "
-                          f"{first['per_stream_tps'] / ceiling:.2f}x")
-        if len(names) == 2:
-            peer = systems[names[1]]["levels"][0]
-            if peer["concurrency"] == 1 and peer["per_stream_tps"]:
-                console.print(f"{names[1]} single-stream decode / ceiling: "
-                              f"{peer['per_stream_tps'] / ceiling:.2f}x")
     for name in names:
         if systems[name].get("rss_mb"):
             console.print(f"{name} RSS after the run: {systems[name]['rss_mb']} MiB")

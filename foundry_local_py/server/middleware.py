@@ -4,7 +4,8 @@
 - Host header allowlist (DNS-rebinding guard; IP literals always pass);
 - optional API key on every route except exactly ``GET /health``, whatever the path spelling
   (``//v1/...`` is not ``/health`` and so needs the key), compared in constant time;
-- a request-body limit: 413 before parsing, from Content-Length or while reading.
+- a request-body limit: 413 before parsing, from Content-Length or while reading;
+- a header limit (total bytes and count): 431, whatever the HTTP parser itself allows.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class GuardMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.max_body = settings.max_body_bytes
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_header_count = settings.max_header_count
         self.allowed_hosts = [h.lower() for h in settings.allowed_hosts]
         key = settings.api_key_value()
         self.api_key = key.encode() if key else None
@@ -67,7 +70,14 @@ class GuardMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), rid_header]}
             await send(message)
 
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        raw_headers = scope.get("headers", [])
+        if len(raw_headers) > self.max_header_count or sum(
+            len(k) + len(v) for k, v in raw_headers
+        ) > self.max_header_bytes:
+            await self._reject(send_with_id, 431, "Request header fields too large.",
+                               "invalid_request_error", "headers_too_large")
+            return
+        headers = {k.lower(): v for k, v in raw_headers}
         host = headers.get(b"host", b"").decode("latin-1")
         if host and not _host_allowed(host, self.allowed_hosts):
             await self._reject(send_with_id, 400, "Invalid Host header.", "invalid_request_error",

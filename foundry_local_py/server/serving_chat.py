@@ -38,6 +38,8 @@ from ..scheduler.scheduler import ErrorEvent, FinishEvent, RequestHandle, Stream
 from .errors import request_id
 from .model_manager import LoadedModel
 from .serving import (
+    DONE,
+    FastChunk,
     Recorder,
     ServingContext,
     chat_logprobs,
@@ -47,6 +49,7 @@ from .serving import (
     error_chunk,
     events_after,
     first_event,
+    frame,
     new_id,
     raise_if_error,
     sampling_params,
@@ -221,25 +224,32 @@ class ChatServing:
 
     # --- streaming --------------------------------------------------------------------------
 
-    async def _stream(self, call: _Call) -> AsyncIterator[str]:
+    async def _stream(self, call: _Call) -> AsyncIterator[bytes]:
         req, plan, handle, recorder, cid = call.req, call.plan, call.handle, call.recorder, call.cid
         created = int(time.time())
 
         def chunk(delta: ChoiceDelta, finish: Any = None, logprobs: list[dict[str, Any]] | None = None,
-                  ) -> str:
+                  ) -> bytes:
             lp = _choice_logprobs(logprobs) if logprobs is not None else None
             c = ChatCompletionChunk(
                 id=cid, created=created, model=req.model,
                 choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=lp)],
             )
-            return chunk_json(c)
+            return frame(chunk_json(c))
 
+        fast = FastChunk(ChatCompletionChunk(
+            id=cid, created=created, model=req.model,
+            choices=[ChunkChoice(index=0, delta=ChoiceDelta(content="\x00TEXT\x00"))],
+        ))
         status = "499"  # until the stream ends normally
         buffering = plan.mode != "none"
         buffer = ""
         try:
             yield chunk(ChoiceDelta(role="assistant", content=""))
-            async for event in events_after(call.first, handle):
+            pending: StreamEvent | None = call.first
+            while True:
+                event = pending if pending is not None else await handle.queue.get()
+                pending = None
                 if isinstance(event, TextEvent):
                     recorder.on_text(event)
                     lp = chat_logprobs(event.logprobs) if req.logprobs else None
@@ -250,9 +260,12 @@ class ChatServing:
                             yield chunk(ChoiceDelta(content=buffer), logprobs=lp)
                             buffer = ""
                         continue
-                    if event.text or lp:
+                    if lp:
                         yield chunk(ChoiceDelta(content=event.text), logprobs=lp)
+                    elif event.text:
+                        yield fast.event(event.text)
                 elif isinstance(event, FinishEvent):
+                    handle.done = True
                     if event.reason == "cancelled":
                         return
                     recorder.on_finish(event.prompt_tokens, event.completion_tokens)
@@ -272,12 +285,15 @@ class ChatServing:
                     if req.include_usage():
                         usage = ChatCompletionChunk(id=cid, created=created, model=req.model,
                                                     choices=[], usage=_usage(event))
-                        yield chunk_json(usage)
+                        yield frame(chunk_json(usage))
                     status = "200"
+                    break
                 elif isinstance(event, ErrorEvent):
+                    handle.done = True
                     status = str(event.error.status)
-                    yield error_chunk(event.error, recorder.request_id)
-            yield "[DONE]"
+                    yield frame(error_chunk(event.error, recorder.request_id))
+                    break
+            yield DONE
         finally:
             if not handle.done:
                 handle.cancel()

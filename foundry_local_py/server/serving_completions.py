@@ -25,6 +25,8 @@ from ..scheduler.scheduler import ErrorEvent, FinishEvent, RequestHandle, Stream
 from .errors import request_id
 from .model_manager import LoadedModel
 from .serving import (
+    DONE,
+    FastChunk,
     Recorder,
     ServingContext,
     check_common,
@@ -32,6 +34,7 @@ from .serving import (
     completion_budget,
     error_chunk,
     first_event,
+    frame,
     new_id,
     raise_if_error,
     sampling_params,
@@ -169,16 +172,20 @@ class CompletionServing:
     async def _stream(
         self, req: CompletionRequest, cid: str, choices: list[_Choice],
         merged: AsyncIterator[tuple[int, StreamEvent]], recorder: Recorder,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[bytes]:
         created = int(time.time())
 
         def chunk(index: int, text: str, finish: Any = None, logprobs: CompletionLogprobs | None = None,
-                  ) -> str:
-            return chunk_json(Completion(
+                  ) -> bytes:
+            return frame(chunk_json(Completion(
                 id=cid, created=created, model=req.model,
                 choices=[CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)],
-            ))
+            )))
 
+        fast = {c.index: FastChunk(Completion(
+            id=cid, created=created, model=req.model,
+            choices=[CompletionChoice(index=c.index, text="\x00TEXT\x00", finish_reason=None)],
+        )) for c in choices}
         status = "499"
         offsets = {c.index: len(c.echo_text) for c in choices}
         try:
@@ -193,8 +200,10 @@ class CompletionServing:
                     if req.logprobs is not None:
                         lp = _logprobs(event.logprobs, offsets[index])
                     offsets[index] += len(event.text)
-                    if event.text or lp:
+                    if lp:
                         yield chunk(index, event.text, logprobs=lp)
+                    elif event.text:
+                        yield fast[index].event(event.text)
                 elif isinstance(event, FinishEvent):
                     if event.reason == "cancelled":
                         return
@@ -203,14 +212,14 @@ class CompletionServing:
                     yield chunk(index, "", finish=event.reason)
                 elif isinstance(event, ErrorEvent):
                     status = str(event.error.status)
-                    yield error_chunk(event.error, recorder.request_id)
+                    yield frame(error_chunk(event.error, recorder.request_id))
                     break
             else:
                 if req.include_usage():
-                    yield chunk_json(Completion(id=cid, created=created, model=req.model, choices=[],
-                                                usage=_usage(choices)))
+                    yield frame(chunk_json(Completion(id=cid, created=created, model=req.model, choices=[],
+                                                      usage=_usage(choices))))
                 status = "200"
-            yield "[DONE]"
+            yield DONE
         finally:
             for c in choices:
                 if not c.handle.done:
