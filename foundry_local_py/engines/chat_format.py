@@ -135,20 +135,32 @@ def _maybe_json(text: Any) -> Any:
 
 
 def tool_call_constraint(tools: list[ToolSpec]) -> Constraint:
-    """A JSON-schema constraint whose only valid outputs are a call of one of ``tools``."""
+    """A JSON-schema constraint whose only valid outputs are a call of one of ``tools``.
+
+    Extra keys are shut out (on the call, and on the arguments unless the tool's schema says
+    otherwise): some grammar engines (llguidance) allow them by default, and a small model then
+    wanders into invented properties until it runs out of tokens.
+    """
     options = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": t.name},
-                "arguments": t.parameters or {"type": "object"},
+                "arguments": _closed(t.parameters or {"type": "object"}),
             },
             "required": ["name", "arguments"],
+            "additionalProperties": False,
         }
         for t in tools
     ]
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     return Constraint(kind="json_schema", schema=schema)
+
+
+def _closed(schema: dict[str, Any]) -> dict[str, Any]:
+    if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema:
+        return {**schema, "additionalProperties": False}
+    return schema
 
 
 def parse_tool_calls(text: str, tools: list[ToolSpec]) -> tuple[str | None, list[ParsedToolCall]]:
