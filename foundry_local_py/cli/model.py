@@ -29,7 +29,7 @@ from ..cache.registry import register_local
 from ..cache.store import ModelStore
 from ..config import Settings
 from ..errors import FoundryError, ModelNotFoundError
-from ..hardware import cached_variant_ids, degraded_variant_ids, detect_hardware, evaluate_variants
+from ..hardware import choose_for_cache, detect_hardware
 from ..sdk.client import ServiceClient
 from ..sdk.service import ServiceInfo, find_service, start_service
 from .common import cli_errors, console, err_console, human_size, load_context
@@ -56,11 +56,8 @@ def pick_variant(store: ModelStore, model: CatalogModel, *, settings: Settings |
     """The variant this machine would use for an alias: the hardware-aware choice (Foundry
     Local's priority, fidelity, memory), falling back to the simple ranking when none fits."""
     s = settings or Settings()
-    choice = evaluate_variants(
-        model, detect_hardware(), cached=cached_variant_ids(model, store),
-        degraded=degraded_variant_ids(model, store), device=s.device, ep=s.ep,
-        prefer_cached=prefer_cached,
-    )
+    choice = choose_for_cache(model, detect_hardware(), store, device=s.device, ep=s.ep,
+                              prefer_cached=prefer_cached)
     return choice.variant or fallback_variant(store, model)
 
 

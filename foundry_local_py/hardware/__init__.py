@@ -10,7 +10,13 @@ from __future__ import annotations
 from .detect import Probes, detect_hardware, refresh_memory
 from .inventory import HardwareInventory
 from .providers import DeviceClass, normalize_device, normalize_ep
-from .report import cached_variant_ids, degraded_variant_ids, hardware_report, model_report
+from .report import (
+    cached_variant_ids,
+    choose_for_cache,
+    degraded_variant_ids,
+    hardware_report,
+    model_report,
+)
 from .select import (
     Considered,
     VariantChoice,
@@ -26,6 +32,7 @@ __all__ = [
     "Probes",
     "VariantChoice",
     "cached_variant_ids",
+    "choose_for_cache",
     "choose_variant",
     "degraded_variant_ids",
     "detect_hardware",

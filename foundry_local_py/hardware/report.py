@@ -15,7 +15,7 @@ from ..cache.store import ModelStore
 from ..errors import FoundryError
 from .inventory import HardwareInventory
 from .providers import device_class, normalize_device, normalize_ep
-from .select import engine_execution_provider, evaluate_variants
+from .select import VariantChoice, engine_execution_provider, evaluate_variants
 
 
 def cached_variant_ids(model: CatalogModel, store: ModelStore) -> set[str]:
@@ -43,6 +43,38 @@ def degraded_variant_ids(model: CatalogModel, store: ModelStore) -> set[str]:
     return found
 
 
+def choose_for_cache(
+    model: CatalogModel,
+    inventory: HardwareInventory,
+    store: ModelStore,
+    *,
+    device: str | None = None,
+    ep: str | None = None,
+    requested: str | None = None,
+    prefer_cached: bool = True,
+    exclude: Collection[str] = frozenset(),
+    exclude_eps: Collection[str] = frozenset(),
+    cached: Collection[str] | None = None,
+) -> VariantChoice:
+    """:func:`evaluate_variants` with the cache's state: what is cached, what is degraded.
+
+    The one way the server, the CLI and the SDK ask "which variant here?"; ``cached`` may be passed
+    when the caller already computed it.
+    """
+    return evaluate_variants(
+        model,
+        inventory,
+        cached=cached_variant_ids(model, store) if cached is None else cached,
+        degraded=degraded_variant_ids(model, store),
+        device=device,
+        ep=ep,
+        requested=requested,
+        exclude=exclude,
+        exclude_eps=exclude_eps,
+        prefer_cached=prefer_cached,
+    )
+
+
 def model_report(
     model: CatalogModel,
     inventory: HardwareInventory,
@@ -57,16 +89,9 @@ def model_report(
     """One model: the chosen variant (or the error) and every variant with its verdict."""
     cached = cached_variant_ids(model, store)
     degraded = degraded_variant_ids(model, store)
-    choice = evaluate_variants(
-        model,
-        inventory,
-        cached=cached,
-        degraded=degraded,
-        device=device,
-        ep=ep,
-        exclude=exclude,
-        exclude_eps=exclude_eps,
-        prefer_cached=prefer_cached,
+    choice = choose_for_cache(
+        model, inventory, store, device=device, ep=ep, exclude=exclude, exclude_eps=exclude_eps,
+        prefer_cached=prefer_cached, cached=cached,
     )
     verdicts = {c.variant_id: c for c in choice.considered}
     variants = []

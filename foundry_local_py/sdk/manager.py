@@ -17,7 +17,7 @@ from ..cache.catalog import CatalogModel, Variant, load_catalog
 from ..cache.store import ModelStore
 from ..config import Settings
 from ..errors import ModelNotFoundError, ServiceUnavailableError
-from ..hardware import cached_variant_ids, degraded_variant_ids, detect_hardware, evaluate_variants
+from ..hardware import choose_for_cache, detect_hardware
 from .client import ServiceClient
 from .service import find_service, start_service
 
@@ -108,11 +108,8 @@ class FoundryLocalManager:
             self.settings.cache_dir)
 
     def _choose(self, model: CatalogModel, store: ModelStore) -> Variant:
-        choice = evaluate_variants(
-            model, detect_hardware(), cached=cached_variant_ids(model, store),
-            degraded=degraded_variant_ids(model, store), device=self.settings.device, ep=self.settings.ep,
-        )
-        return choice.require()
+        return choose_for_cache(model, detect_hardware(), store, device=self.settings.device,
+                                ep=self.settings.ep).require()
 
     def list_catalog_models(self) -> list[FoundryModelInfo]:
         catalog, store = self._catalog_and_store()

@@ -31,8 +31,7 @@ from ..hardware import (
     HardwareInventory,
     VariantChoice,
     cached_variant_ids,
-    choose_variant,
-    degraded_variant_ids,
+    choose_for_cache,
     normalize_ep,
     refresh_memory,
 )
@@ -139,12 +138,13 @@ class ModelManager:
         if requested is not None and requested in uncached:
             raise ModelNotFoundError(
                 requested, detail=f"It is not in the cache; run 'foundry-local model download {requested}'.")
-        return choose_variant(
-            model, refresh_memory(self.inventory), cached=cached,
-            degraded=degraded_variant_ids(model, self.store),
+        choice = choose_for_cache(
+            model, refresh_memory(self.inventory), self.store, cached=cached,
             device=self.settings.device, ep=ep or self.settings.ep, requested=requested,
             exclude={*exclude, *uncached},
         )
+        choice.require()
+        return choice
 
     # --- loading ----------------------------------------------------------------------------
 

@@ -15,13 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ...cache.acquire import Progress, ensure_variant
 from ...cache.catalog import CatalogModel, Variant
 from ...errors import FoundryError, InvalidRequestError
-from ...hardware import (
-    cached_variant_ids,
-    degraded_variant_ids,
-    evaluate_variants,
-    hardware_report,
-    refresh_memory,
-)
+from ...hardware import choose_for_cache, hardware_report, refresh_memory
 from ...hardware.report import accelerators
 from ..state import Core, get_core
 
@@ -150,10 +144,9 @@ async def download(request: Request) -> StreamingResponse:
         raise InvalidRequestError("the body must name a model: {\"model\": {\"Name\": ...}}", param="model")
     force = bool(body.get("force", False)) if isinstance(body, dict) else False
     model, fixed = core.catalog.lookup(name)
-    variant = fixed or evaluate_variants(
-        model, core.inventory, cached=cached_variant_ids(model, core.store),
-        degraded=degraded_variant_ids(model, core.store), device=core.settings.device,
-        ep=core.settings.ep, prefer_cached=False,
+    variant = fixed or choose_for_cache(
+        model, core.inventory, core.store, device=core.settings.device, ep=core.settings.ep,
+        prefer_cached=False,
     ).require()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Progress | BaseException | None] = asyncio.Queue()
