@@ -7,33 +7,12 @@ which is acquired first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelNotFoundError
 from .catalog import Catalog, CatalogModel, ConvertSource, HuggingFaceSource, Variant
+from .progress import ProgressCallback
 from .store import ModelStore
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A progress report: ``stage`` is 'wait', 'download', 'convert', 'verify' or 'done'.
-
-    ``done_bytes``/``total_bytes`` cover the whole variant (all its files; resumed bytes count as
-    done). ``new_bytes`` is what arrived from the network since the previous report: add it to a
-    download counter (``foundry_local_download_bytes_total``).
-    """
-
-    variant_id: str
-    stage: str
-    done_bytes: int = 0
-    total_bytes: int | None = None
-    message: str = ""
-    new_bytes: int = 0
-
-
-ProgressCallback = Callable[[Progress], None]
 
 
 def ensure_variant(

@@ -47,12 +47,11 @@ from ..errors import (
     InvalidRequestError,
     ModelNotFoundError,
 )
-from .acquire import Progress, ProgressCallback
 from .catalog import CatalogModel, HubFile, HuggingFaceSource, Variant
-from .inventory import discard_folder
 from .layout import ensure_within, safe_join
 from .manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest, write_manifest
-from .store import HASH_CHUNK, ModelStore
+from .progress import Progress, ProgressCallback
+from .store import HASH_CHUNK, ModelStore, discard_folder
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ..errors import ConflictError, FoundryError, ModelNotFoundError
-from .acquire import ProgressCallback
 from .catalog import (
     Catalog,
     CatalogModel,
@@ -28,9 +25,10 @@ from .catalog import (
     PackageSource,
     Variant,
 )
-from .layout import ensure_within, safe_join
+from .layout import safe_join
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
-from .store import STAGING_DIR, TRASH_DIR, ModelStore, check_local_model, sha256_file
+from .progress import ProgressCallback
+from .store import STAGING_DIR, ModelStore, check_local_model, discard_folder, sha256_file
 
 Location = Literal["cache", "package", "registered"]
 
@@ -295,24 +293,6 @@ class _locked:
 
     def __exit__(self, *exc: object) -> None:
         self.lock.release()
-
-
-def discard_folder(store: ModelStore, folder: Path) -> bool:
-    """Delete a folder inside the cache so that it disappears at once: the manifest goes
-    first (no longer cached), then the folder is renamed into ``.trash`` and deleted."""
-    if folder.is_symlink():
-        folder.unlink()  # never follow a planted link out of the cache
-        return True
-    if not folder.exists():
-        return False
-    ensure_within(store.root, folder)
-    (folder / MANIFEST_NAME).unlink(missing_ok=True)
-    trash = store.root / TRASH_DIR
-    trash.mkdir(parents=True, exist_ok=True)
-    doomed = trash / uuid.uuid4().hex
-    os.replace(folder, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-    return True
 
 
 # --- verification ---------------------------------------------------------------------------

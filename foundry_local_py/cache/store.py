@@ -20,7 +20,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from filelock import FileLock
@@ -34,8 +36,8 @@ from .catalog import (
     PackageSource,
     Variant,
 )
-from .layout import check_no_escaping_symlinks, check_registered_path, safe_join
-from .manifest import Fidelity, Manifest, read_manifest
+from .layout import check_no_escaping_symlinks, check_registered_path, ensure_within, safe_join
+from .manifest import MANIFEST_NAME, Fidelity, Manifest, read_manifest
 
 HASH_CHUNK = 4 * 1024 * 1024
 STAGING_DIR = ".staging"
@@ -309,3 +311,21 @@ class ModelStore:
                 os.replace(tmp, self._memo_path())
         except (OSError, TimeoutError):
             pass  # the memo is an optimisation only
+
+
+def discard_folder(store: ModelStore, folder: Path) -> bool:
+    """Delete a folder inside the cache so that it disappears at once: the manifest goes
+    first (no longer cached), then the folder is renamed into ``.trash`` and deleted."""
+    if folder.is_symlink():
+        folder.unlink()  # never follow a planted link out of the cache
+        return True
+    if not folder.exists():
+        return False
+    ensure_within(store.root, folder)
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    trash = store.root / TRASH_DIR
+    trash.mkdir(parents=True, exist_ok=True)
+    doomed = trash / uuid.uuid4().hex
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True

@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..cache.acquire import Progress
 from ..cache.inventory import cache_usage, list_cached, remove_model, verify_cache
+from ..cache.progress import Progress
 from .common import cli_errors, console, human_size, load_context
 
 app = typer.Typer(no_args_is_help=True)

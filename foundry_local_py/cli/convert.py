@@ -14,10 +14,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..cache.acquire import Progress, ensure_variant
+from ..cache.acquire import ensure_variant
 from ..cache.catalog import Catalog, CatalogModel, ConvertSource, Variant
 from ..cache.convert import DEFAULT_THRESHOLD, build_variant, conversion_log_path
 from ..cache.manifest import Fidelity
+from ..cache.progress import Progress
 from ..errors import ConversionError, InvalidRequestError
 from .common import cli_errors, console, err_console, human_size, load_context
 

@@ -21,10 +21,11 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from ..cache.acquire import Progress, ensure_variant
+from ..cache.acquire import ensure_variant
 from ..cache.catalog import CatalogModel, HuggingFaceSource, PackageSource, Variant
 from ..cache.convert import describe_fidelity
 from ..cache.inventory import fallback_variant
+from ..cache.progress import Progress
 from ..cache.registry import register_local
 from ..cache.store import ModelStore
 from ..config import Settings

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConversionError, ModelNotFoundError
-from ..acquire import Progress, ProgressCallback
 from ..catalog import CatalogModel, ConvertSource, Variant
 from ..manifest import Fidelity, Manifest, ManifestFile, write_manifest
+from ..progress import Progress, ProgressCallback
 from ..store import ModelStore, sha256_file
 from . import fidelity
 from .worker import Job, JobResult

@@ -12,8 +12,9 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ...cache.acquire import Progress, ensure_variant
+from ...cache.acquire import ensure_variant
 from ...cache.catalog import CatalogModel, Variant
+from ...cache.progress import Progress
 from ...errors import FoundryError, InvalidRequestError
 from ...hardware import choose_for_cache, hardware_report, refresh_memory
 from ...hardware.report import accelerators
