@@ -152,8 +152,7 @@ class ModelManager:
         """The loaded model for ``name``, loading it on demand (404 for unknown names)."""
         lm = self.find_loaded(name)
         if lm is not None and (ep is None or normalize_ep(ep) in (None, lm.engine_ep)):
-            if ttl is not None:
-                lm.ttl_s = ttl or None
+            self._set_ttl(lm, ttl)
             lm.touch()
             return lm
         return await self.load(name, ep=ep, ttl=ttl)
@@ -166,6 +165,7 @@ class ModelManager:
         variant = choice.require()
         if variant.id in self._loaded:
             lm = self._loaded[variant.id]
+            self._set_ttl(lm, ttl)
             lm.touch()
             return lm
         future = self._loading.get(variant.id)
@@ -184,7 +184,15 @@ class ModelManager:
             finally:
                 self._loading.pop(variant.id, None)
             return lm
-        return await asyncio.shield(future)
+        lm = await asyncio.shield(future)
+        self._set_ttl(lm, ttl)
+        return lm
+
+    @staticmethod
+    def _set_ttl(lm: LoadedModel, ttl: float | None) -> None:
+        """A load that names a TTL sets it on a model that is already loaded (0: keep it loaded)."""
+        if ttl is not None:
+            lm.ttl_s = ttl or None
 
     async def _load_new(
         self, model: CatalogModel, choice: VariantChoice, ttl: float | None, *, allow_fallback: bool,
