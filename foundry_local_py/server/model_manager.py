@@ -139,11 +139,15 @@ class ModelManager:
         if requested is not None and requested in uncached:
             raise ModelNotFoundError(
                 requested, detail=f"It is not in the cache; run 'foundry-local model download {requested}'.")
+        # Choose among the cached variants only. (Passing the others as ``exclude`` made them look
+        # like load failures: a request for an unusable ``ep`` got a 500 "left to try after load
+        # failures" instead of a 400 on ``ep``.)
+        in_cache = model.model_copy(update={"variants": [v for v in model.variants if v.id in cached]})
         return choose_variant(
-            model, refresh_memory(self.inventory), cached=cached,
+            in_cache, refresh_memory(self.inventory), cached=cached,
             degraded=degraded_variant_ids(model, self.store),
             device=self.settings.device, ep=ep or self.settings.ep, requested=requested,
-            exclude={*exclude, *uncached},
+            exclude=exclude,
         )
 
     # --- loading ----------------------------------------------------------------------------
