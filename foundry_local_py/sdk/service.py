@@ -8,6 +8,7 @@ is alive and ``/health`` answers, so a stale record from a crashed service is ig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -134,9 +135,22 @@ def stop_service(settings: Settings, *, timeout: float = 60.0) -> bool:
         return False
     proc = psutil.Process(info.pid)
     proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except psutil.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+    if not _wait_exit(info.pid, timeout):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+        _wait_exit(info.pid, 10)
+    with contextlib.suppress(psutil.Error):  # reap it when it is our own child (no-op otherwise)
+        proc.wait(timeout=0)
+    return True
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited. A zombie counts as exited: the service started by another
+    program (the SDK in a notebook) stays a zombie until that program reaps it, and
+    ``psutil.Process.wait`` would wait for it to disappear until the timeout."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
     return True
