@@ -105,7 +105,12 @@ def start_service(settings: Settings, *, wait_ready: bool = True, timeout: float
     args = [sys.executable, "-m", "foundry_local_py.cli.main", "serve",
             "--host", settings.host, "--port", str(settings.port),
             "--cache-dir", str(settings.cache_dir)]
+    if settings.catalog_path is not None:
+        args += ["--catalog", str(settings.catalog_path)]
     env = dict(os.environ)
+    key = settings.api_key_value()
+    if key:  # the key given in code protects the service too (by env: argv is visible to `ps`)
+        env["FOUNDRY_LOCAL_API_KEY"] = key
     with log_path.open("ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
