@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -113,15 +114,21 @@ def _env(cache: Path, port: int) -> dict[str, str]:
 
 
 def _stop_and_check(cli: Cli) -> None:
+    """``service stop``, then every service pid this test saw must be gone (killed if not, so a
+    failing test leaves no process behind, and then reported)."""
     cli.remember_pid()
     result = cli.run("service", "stop")
-    assert result.returncode == 0, result.stdout + result.stderr
+    left = []
     for pid in cli.pids:
         deadline = time.monotonic() + 30
         while not _gone(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _gone(pid), f"service process {pid} is still running after 'service stop'"
+        if not _gone(pid):
+            left.append(pid)
+            os.kill(pid, signal.SIGKILL)
         _reap(pid)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not left, f"service processes {left} were still running after 'service stop'"
     assert cli.state() is None
 
 
