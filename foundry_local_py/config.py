@@ -7,6 +7,7 @@ once and handed to ``create_app(settings)``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -104,3 +105,21 @@ class Settings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``FOUNDRY_LOCAL_*`` variables: how a process started from code (the
+        SDK's service) gets all of them, the API key included, without putting them on its
+        command line (which any user can read with ``ps``)."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            key = "FOUNDRY_LOCAL_CACHE" if name == "cache_dir" else f"FOUNDRY_LOCAL_{name.upper()}"
+            if isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()
+            elif isinstance(value, (list, dict, bool)):
+                env[key] = json.dumps(value)
+            else:
+                env[key] = str(value)
+        return env

@@ -23,6 +23,7 @@ def ensure_variant(
     *,
     progress: ProgressCallback | None = None,
     force: bool = False,
+    token: str | None = None,
 ) -> Path:
     """Return the variant's local path, downloading or converting it when needed."""
     if not force:
@@ -35,12 +36,14 @@ def ensure_variant(
     if isinstance(source, HuggingFaceSource):
         from .download import download_variant
 
-        return download_variant(store, model, variant, progress=progress, force=force)
+        return download_variant(store, model, variant, progress=progress, force=force, token=token)
     if isinstance(source, ConvertSource):
         from .convert import build_variant
 
         base_model, base_variant = catalog.variant(source.base)
-        base_path = ensure_variant(store, catalog, base_model, base_variant, progress=progress)
+        base_path = ensure_variant(
+            store, catalog, base_model, base_variant, progress=progress, token=token
+        )
         return build_variant(
             store, model, variant, base_model, base_variant, base_path, progress=progress, force=force
         )

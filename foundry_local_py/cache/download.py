@@ -101,13 +101,15 @@ class RemoteFile:
 
 
 def _remote_file(
-    source: HuggingFaceSource, file: HubFile, revision: str, endpoint: str, catalog_id: str
+    source: HuggingFaceSource, file: HubFile, revision: str, endpoint: str, catalog_id: str, *,
+    token: str | None = None,
 ) -> RemoteFile:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
     url = hf_hub_url(source.repo, source.repo_path(file), revision=revision, endpoint=endpoint)
-    headers = build_hf_headers()  # adds HF_TOKEN / the stored token when there is one
+    # The caller's token, else HF_TOKEN / the stored one when there is one.
+    headers = build_hf_headers(token=token) if token else build_hf_headers()
     with _hub_errors(source, file.path):
         meta = get_hf_file_metadata(url, headers=headers, endpoint=endpoint)
     if meta.etag is None:
@@ -245,6 +247,7 @@ def download_variant(
     *,
     progress: ProgressCallback | None = None,
     force: bool = False,
+    token: str | None = None,
 ) -> Path:
     """Fetch a Hugging Face variant into the cache and return the path an engine opens.
 
@@ -283,7 +286,7 @@ def download_variant(
         remote: list[RemoteFile] = []
         revision = source.revision
         for file in source.files:
-            rf = _remote_file(source, file, revision, endpoint, variant.id)
+            rf = _remote_file(source, file, revision, endpoint, variant.id, token=token)
             if rf.commit and _COMMIT.match(rf.commit) and not _COMMIT.match(revision):
                 revision = rf.commit  # every further file from the same commit
             remote.append(rf)

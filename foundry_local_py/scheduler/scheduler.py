@@ -145,6 +145,7 @@ class Scheduler:
         self._cancelled = 0
         self._runner_ready = threading.Event()
         self._runner_error: BaseException | None = None
+        self._abort: ServiceUnavailableError | None = None
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._last_activity = time.monotonic()
 
@@ -157,12 +158,16 @@ class Scheduler:
             raise EngineError("the engine could not start a decoding runner") from self._runner_error
 
     def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop admitting; with ``drain`` let queued and running requests finish, else cancel them."""
+        """Stop admitting; with ``drain`` let queued and running requests finish, else end them
+        with a 503 error (an aborted stream must say so, not look like a normal end)."""
         with self._cond:
             self._accepting = False
             if not drain:
-                for handle in list(self._waiting):
-                    handle.cancel()
+                self._abort = ServiceUnavailableError(
+                    f"model '{self.name}' was unloaded while this request was being served")
+                waiting = list(self._waiting)
+                self._waiting.clear()
+                self._send_many([(h, ErrorEvent(self._abort, time.monotonic())) for h in waiting])
                 for seq in self._active.values():
                     seq.handle.cancel()
             self._stopping = True
@@ -276,11 +281,9 @@ class Scheduler:
             with self._cond:
                 seq = self._active.pop(rid)
                 self._cancelled += 1
-            self._send(
-                seq.handle,
-                FinishEvent("cancelled", len(seq.handle.request.prompt_tokens),
-                            seq.processor.completion_tokens, time.monotonic()),
-            )
+            now = time.monotonic()
+            self._send(seq.handle, ErrorEvent(self._abort, now) if self._abort else FinishEvent(
+                "cancelled", len(seq.handle.request.prompt_tokens), seq.processor.completion_tokens, now))
 
     def _dispatch(self, runner: BatchRunner, outputs: object) -> None:
         now = time.monotonic()

@@ -76,10 +76,12 @@ class ServiceClient:
     def status(self) -> dict[str, Any]:
         return dict(self._get("/openai/status"))
 
-    def download(self, name: str, *, force: bool = False,
+    def download(self, name: str, *, force: bool = False, token: str | None = None,
                  on_progress: Callable[[str], None] | None = None) -> None:
         """POST /openai/download; progress lines go to ``on_progress``; raises on failure."""
-        body = {"model": {"Name": name}, "force": force}
+        body: dict[str, Any] = {"model": {"Name": name}, "force": force}
+        if token:
+            body["token"] = token  # a Hugging Face token for this download (gated models)
         with self._http.stream("POST", "/openai/download", json=body, timeout=None) as resp:
             if resp.status_code >= 400:
                 resp.read()

@@ -147,11 +147,7 @@ class FoundryLocalManager:
                        ) -> FoundryModelInfo:
         info = self.get_model_info(alias_or_model_id, raise_on_not_found=True)
         assert info is not None
-        if token:
-            import os
-
-            os.environ.setdefault("HF_TOKEN", token)
-        self.client.download(alias_or_model_id, force=force)
+        self.client.download(alias_or_model_id, force=force, token=token)
         return info
 
     def is_model_upgradeable(self, alias_or_model_id: str) -> bool:

@@ -8,6 +8,7 @@ is alive and ``/health`` answers, so a stale record from a crashed service is ig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,10 +102,10 @@ def start_service(settings: Settings, *, wait_ready: bool = True, timeout: float
     state = state_path(settings)
     state.parent.mkdir(parents=True, exist_ok=True)
     log_path = state.parent / "service.log"
-    args = [sys.executable, "-m", "foundry_local_py.cli.main", "serve",
-            "--host", settings.host, "--port", str(settings.port),
-            "--cache-dir", str(settings.cache_dir)]
-    env = dict(os.environ)
+    args = [sys.executable, "-m", "foundry_local_py.cli.main", "serve"]
+    # Every setting travels by environment: the caller's (a key or device given in code included);
+    # argv would show the API key to anyone running `ps`.
+    env = {**os.environ, **settings.to_env()}
     with log_path.open("ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
@@ -134,9 +135,22 @@ def stop_service(settings: Settings, *, timeout: float = 60.0) -> bool:
         return False
     proc = psutil.Process(info.pid)
     proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except psutil.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+    if not _wait_exit(info.pid, timeout):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+        _wait_exit(info.pid, 10)
+    with contextlib.suppress(psutil.Error):  # reap it when it is our own child (no-op otherwise)
+        proc.wait(timeout=0)
+    return True
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited. A zombie counts as exited: the service started by another
+    program (the SDK in a notebook) stays a zombie until that program reaps it, and
+    ``psutil.Process.wait`` would wait for it to disappear until the timeout."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
     return True

@@ -138,10 +138,14 @@ class ModelManager:
         if requested is not None and requested in uncached:
             raise ModelNotFoundError(
                 requested, detail=f"It is not in the cache; run 'foundry-local model download {requested}'.")
+        # Choose among the cached variants only. (Passing the others as ``exclude`` made them look
+        # like load failures: a request for an unusable ``ep`` got a 500 "left to try after load
+        # failures" instead of a 400 on ``ep``.)
+        in_cache = model.model_copy(update={"variants": [v for v in model.variants if v.id in cached]})
         choice = choose_for_cache(
-            model, refresh_memory(self.inventory), self.store, cached=cached,
+            in_cache, refresh_memory(self.inventory), self.store, cached=cached,
             device=self.settings.device, ep=ep or self.settings.ep, requested=requested,
-            exclude={*exclude, *uncached},
+            exclude=exclude,
         )
         choice.require()
         return choice
@@ -152,8 +156,7 @@ class ModelManager:
         """The loaded model for ``name``, loading it on demand (404 for unknown names)."""
         lm = self.find_loaded(name)
         if lm is not None and (ep is None or normalize_ep(ep) in (None, lm.engine_ep)):
-            if ttl is not None:
-                lm.ttl_s = ttl or None
+            self._set_ttl(lm, ttl)
             lm.touch()
             return lm
         return await self.load(name, ep=ep, ttl=ttl)
@@ -166,6 +169,7 @@ class ModelManager:
         variant = choice.require()
         if variant.id in self._loaded:
             lm = self._loaded[variant.id]
+            self._set_ttl(lm, ttl)
             lm.touch()
             return lm
         future = self._loading.get(variant.id)
@@ -184,7 +188,15 @@ class ModelManager:
             finally:
                 self._loading.pop(variant.id, None)
             return lm
-        return await asyncio.shield(future)
+        lm = await asyncio.shield(future)
+        self._set_ttl(lm, ttl)
+        return lm
+
+    @staticmethod
+    def _set_ttl(lm: LoadedModel, ttl: float | None) -> None:
+        """A load that names a TTL sets it on a model that is already loaded (0: keep it loaded)."""
+        if ttl is not None:
+            lm.ttl_s = ttl or None
 
     async def _load_new(
         self, model: CatalogModel, choice: VariantChoice, ttl: float | None, *, allow_fallback: bool,

@@ -244,6 +244,16 @@ def test_hf_token_is_sent_for_private_repos(env: Path, hub: FakeHub, monkeypatch
     assert download_variant(store, model, variant).is_dir()
 
 
+def test_a_token_given_for_one_download_is_used(env: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch):
+    """The SDK's download_model(token=...) reaches the service as a per-request token."""
+    store, _c, model, variant = _get(env, "tiny-genai")
+    hub.faults.require_token = "hf_request_token"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(DownloadError):
+        download_variant(store, model, variant, token="hf_wrong")
+    assert download_variant(store, model, variant, token="hf_request_token").is_dir()
+
+
 def test_a_progress_callback_can_abort_and_the_partial_file_is_kept(env: Path, hub: FakeHub):
     store, _c, model, variant = _get(env, "smol-hub")
 

@@ -275,19 +275,24 @@ def test_stop_drains_running_requests() -> None:
     assert engine.closed_runners == 1
 
 
-def test_stop_without_drain_cancels() -> None:
+def test_stop_without_drain_ends_running_and_waiting_requests_with_503() -> None:
     sched, _ = make(Script(loop_forever=True, step_delay=0.002), max_batch=1)
 
-    async def body() -> StreamEvent:
-        h = sched.submit(req(max_tokens=10**6))
-        await h.queue.get()
+    async def body() -> tuple[StreamEvent, StreamEvent]:
+        running = sched.submit(req(max_tokens=10**6))
+        waiting = sched.submit(req(max_tokens=10))
+        await running.queue.get()
         await asyncio.get_running_loop().run_in_executor(None, lambda: sched.stop(drain=False, timeout=10))
         await asyncio.sleep(0.01)
-        last = None
-        while not h.queue.empty():
-            last = h.queue.get_nowait()
-        assert last is not None
-        return last
+        lasts = []
+        for h in (running, waiting):
+            last = None
+            while not h.queue.empty():
+                last = h.queue.get_nowait()
+            assert last is not None
+            lasts.append(last)
+        return lasts[0], lasts[1]
 
-    last = run(body)
-    assert isinstance(last, FinishEvent) and last.reason == "cancelled"
+    for last in run(body):
+        assert isinstance(last, ErrorEvent) and last.error.status == 503
+        assert "unloaded" in last.error.message

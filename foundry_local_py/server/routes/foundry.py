@@ -144,6 +144,7 @@ async def download(request: Request) -> StreamingResponse:
     if not name:
         raise InvalidRequestError("the body must name a model: {\"model\": {\"Name\": ...}}", param="model")
     force = bool(body.get("force", False)) if isinstance(body, dict) else False
+    token = body.get("token") if isinstance(body, dict) and isinstance(body.get("token"), str) else None
     model, fixed = core.catalog.lookup(name)
     variant = fixed or choose_for_cache(
         model, core.inventory, core.store, device=core.settings.device, ep=core.settings.ep,
@@ -163,7 +164,8 @@ async def download(request: Request) -> StreamingResponse:
 
     def work() -> None:
         try:
-            ensure_variant(core.store, core.catalog, model, variant, progress=report, force=force)
+            ensure_variant(core.store, core.catalog, model, variant, progress=report, force=force,
+                           token=token)
             loop.call_soon_threadsafe(queue.put_nowait, None)
         except BaseException as exc:
             loop.call_soon_threadsafe(queue.put_nowait, exc)
