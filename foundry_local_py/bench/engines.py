@@ -100,6 +100,7 @@ def compare(model: str, *, n_threads: int, console: Console | None = None) -> li
     from ..cache.catalog import load_catalog
     from ..cache.store import ModelStore
     from ..config import Settings
+    from ..errors import FoundryError
 
     console = console or Console()
     settings = Settings()
@@ -111,9 +112,14 @@ def compare(model: str, *, n_threads: int, console: Console | None = None) -> li
         if variant.device != "cpu" or not store.is_available(entry, variant):
             continue
         console.print(f"  measuring {variant.id} ...")
-        path = store.resolve(entry, variant)
-        rows.append({"variant": variant.id, "format": variant.format, "precision": variant.precision,
-                     **run_variant(variant.format, path, n_threads=n_threads)})
+        row: dict[str, Any] = {"variant": variant.id, "format": variant.format,
+                               "precision": variant.precision}
+        try:
+            path = store.resolve(entry, variant)
+        except FoundryError as exc:
+            rows.append({**row, "error": exc.message[:200]})
+            continue
+        rows.append({**row, **run_variant(variant.format, path, n_threads=n_threads)})
     table = Table(title=f"{model}: engines on this machine ({n_threads} threads)")
     for col in ("variant", "engine", "prompt tok/s", "TTFT ms", "decode tok/s", "decode vs first", "RSS MiB"):
         table.add_column(col, justify="left" if col == "variant" else "right")

@@ -114,13 +114,12 @@ async def _one(
     client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, *,
     api_key: str | None,
 ) -> RequestResult:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-    }
+    """One streamed request; ``url`` ends in /chat/completions or /completions."""
+    body: dict[str, object] = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if url.endswith("/chat/completions"):
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     res = RequestResult(ok=False, start=time.perf_counter())
     # Only timestamp raw bytes while streaming; split and parse afterwards, so the client's own CPU
@@ -152,7 +151,7 @@ async def _one(
                 res.error = str(chunk["error"].get("message"))[:200]
                 continue
             for choice in chunk.get("choices", []):
-                content = (choice.get("delta") or {}).get("content")
+                content = (choice.get("delta") or {}).get("content") or choice.get("text")
                 if content:
                     if res.first is None:
                         res.first = when
@@ -172,8 +171,9 @@ async def run_level(
     count_tokens: Callable[[str], int],
     api_key: str | None = None,
     timeout_s: float = 600.0,
+    api: str = "chat",
 ) -> LevelResult:
-    url = base_url.rstrip("/") + "/chat/completions"
+    url = _url(base_url, api)
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
@@ -191,19 +191,22 @@ async def run_level(
     return LevelResult(concurrency, requests, wall, list(results))
 
 
-async def warm_up(base_url: str, model: str, api_key: str | None = None) -> None:
+def _url(base_url: str, api: str) -> str:
+    return base_url.rstrip("/") + ("/chat/completions" if api == "chat" else "/completions")
+
+
+async def warm_up(base_url: str, model: str, api_key: str | None = None, api: str = "chat") -> None:
     async with httpx.AsyncClient(timeout=300) as client:
-        await _one(client, base_url.rstrip("/") + "/chat/completions", model, "Hello", 8, api_key=api_key)
+        await _one(client, _url(base_url, api), model, "Hello", 8, api_key=api_key)
 
 
 async def single_stream_tps(
     base_url: str, model: str, *, max_tokens: int, count_tokens: Callable[[str], int],
-    api_key: str | None = None, prompt: str = PROMPTS[0],
+    api_key: str | None = None, prompt: str = PROMPTS[0], api: str = "chat",
 ) -> float:
     """Decode tokens/s of one request alone (first content token to last), as a client sees it."""
     async with httpx.AsyncClient(timeout=600) as client:
-        r = await _one(client, base_url.rstrip("/") + "/chat/completions", model, prompt, max_tokens,
-                       api_key=api_key)
+        r = await _one(client, _url(base_url, api), model, prompt, max_tokens, api_key=api_key)
     if not r.ok or r.first is None or r.last is None or r.last <= r.first:
         return 0.0
     return (count_tokens(r.text) - 1) / (r.last - r.first)

@@ -33,6 +33,8 @@ class BenchConfig:
     n_ctx: int = 4096
     api_key: str | None = None
     json_path: Path | None = None
+    api: str = "chat"
+    """'chat' (/v1/chat/completions) or 'completions' (base models without a chat template)."""
     pairs: int = 6
     """Single-stream rounds, each paired with a ceiling measurement right before it."""
     log_dir: Path = Path(".bench-logs")
@@ -82,7 +84,8 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
     count = token_counter(gguf) if gguf else (lambda text: len(text.split()))
     report: dict[str, Any] = {
         "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-        "model": cfg.model, "gguf": gguf.name if gguf else None, "requests_per_level": cfg.requests,
+        "model": cfg.model, "api": cfg.api, "gguf": gguf.name if gguf else None,
+        "requests_per_level": cfg.requests,
         "max_tokens": cfg.max_tokens, "n_threads": cfg.n_threads, "systems": {},
     }
     ceiling = None
@@ -110,7 +113,7 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
             servers.append(peer)
             targets.append(("llama_cpp.server", peer.base_url, "peer"))
         for _, url, model in targets:
-            asyncio.run(warm_up(url, model, cfg.api_key))
+            asyncio.run(warm_up(url, model, cfg.api_key, cfg.api))
         if ceiling is not None and cfg.pairs > 0:
             console.print(f"single stream vs the in-process ceiling, {cfg.pairs} alternating pairs ...")
             report["single_stream_vs_ceiling"] = _paired(cfg, ceiling, targets, count)
@@ -122,7 +125,7 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
                 console.print(f"  {name}: concurrency {c}, {cfg.requests} requests ...")
                 level = asyncio.run(run_level(url, model, concurrency=c, requests=cfg.requests,
                                               max_tokens=cfg.max_tokens, count_tokens=count,
-                                              api_key=cfg.api_key))
+                                              api_key=cfg.api_key, api=cfg.api))
                 results[name].append(level)
         for name, levels in results.items():
             proc = next((s for s in servers if s.name == name), None)
@@ -153,7 +156,7 @@ def _paired(cfg: BenchConfig, ceiling: Any, targets: list[tuple[str, str, str]],
         for name, url, model in order:
             c = ceiling.measure(128)
             tps = asyncio.run(single_stream_tps(url, model, max_tokens=128, count_tokens=count,
-                                                api_key=cfg.api_key))
+                                                api_key=cfg.api_key, api=cfg.api))
             ceilings.append(c)
             if c > 0 and tps > 0:
                 ratios[name].append(tps / c)

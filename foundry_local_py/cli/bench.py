@@ -23,6 +23,7 @@ def bench(  # noqa: PLR0917 - one parameter per flag
     api_key: Annotated[str | None, typer.Option()] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON")] = None,
     server_arg: Annotated[list[str] | None, typer.Option(help="Extra flag for our server")] = None,
+    api: Annotated[str, typer.Option(help="chat, or completions for base models")] = "chat",
     pairs: Annotated[int, typer.Option(help="Single-stream vs ceiling rounds (alternating)")] = 6,
     engines: Annotated[bool, typer.Option("--engines", help="Compare the model's local variants "
                                           "(llama.cpp vs ONNX) in-process instead")] = False,
@@ -39,4 +40,5 @@ def bench(  # noqa: PLR0917 - one parameter per flag
         concurrency=[int(c) for c in concurrency.split(",") if c.strip()], max_tokens=max_tokens,
         vs_peer=vs_peer, ceiling=not no_ceiling, n_threads=n_threads or physical_cores(),
         api_key=api_key, json_path=json_out, server_args=server_arg or [], pairs=pairs,
+        api=api,
     ))

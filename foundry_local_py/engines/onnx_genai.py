@@ -99,6 +99,16 @@ def _scrub(text: str) -> str:
     return _PATHISH.sub("<path>", text).strip()[:300]
 
 
+def _bos_to_add(path: Path, model_cfg: dict[str, Any]) -> int | None:
+    """The BOS id when ``tokenizer_config.json`` says ``add_bos_token: true``, else None."""
+    if not (_read_json(path / "tokenizer_config.json") or {}).get("add_bos_token"):
+        return None
+    bos = model_cfg.get("bos_token_id")
+    if isinstance(bos, list):
+        bos = bos[0] if bos else None
+    return int(bos) if isinstance(bos, int) else None
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         if not path.is_file():
@@ -210,6 +220,10 @@ class OrtGenaiEngine:
         self.eos_token_ids = frozenset(int(t) for t in self._tokenizer.eos_token_ids)
         self._eos = min(self.eos_token_ids) if self.eos_token_ids else -1
         self.n_vocab = int(model_cfg.get("vocab_size") or 0)
+        self._bos_id = _bos_to_add(path, model_cfg)
+        window = ((model_cfg.get("decoder") or {}).get("sliding_window") or {}).get("window_size")
+        self.min_session = int(window) if isinstance(window, int) else 0
+        """Smallest per-request KV buffer the model accepts (its sliding window, if any)."""
         self._template = read_chat_template(path)
         device_type = str(getattr(self._model, "device_type", "") or "").lower()
         if device_type == "cpu":
@@ -266,7 +280,12 @@ class OrtGenaiEngine:
                 ids = tokenizer.encode(text)
         except Exception as exc:
             raise EngineError("tokenization failed") from exc
-        return [int(t) for t in ids]
+        out = [int(t) for t in ids]
+        # tokenizer_config.json may ask for BOS that onnxruntime-genai's tokenizer does not add
+        # (a Gemma converted from GGUF: without it the model ends at once).
+        if add_special and self._bos_id is not None and (not out or out[0] != self._bos_id):
+            out.insert(0, self._bos_id)
+        return out
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         if not tokens:
@@ -362,7 +381,10 @@ def _budget(engine: OrtGenaiEngine, request: GenerationRequest) -> _Budget:
         )
     room = n_ctx - len(prompt)
     max_new = max(1, request.max_tokens)
-    return _Budget(min(max_new, room), len(prompt) + min(max_new, room), max_new > room)
+    # The KV buffer is sized from the session; sliding-window models (Gemma 3) refuse one smaller
+    # than their window, whatever the request needs.
+    session = max(len(prompt) + min(max_new, room), min(engine.min_session, n_ctx))
+    return _Budget(min(max_new, room), session, max_new > room)
 
 
 def _check_sampling(sp: SamplingParams) -> None:

@@ -446,3 +446,27 @@ def test_unknown_provider_and_non_model_folder(onnx_model_dir: Path, tmp_path: P
     with pytest.raises(ModelLoadError) as err:
         OrtGenaiEngine(tmp_path, OrtGenaiOptions())
     assert str(tmp_path) not in err.value.message
+
+
+def test_converted_gemma_generates_from_a_short_prompt(gemma3_onnx_int8: Path) -> None:
+    """Gemma 3 converted from GGUF: prompts start with BOS (tokenizer_config asks for it; the
+    og tokenizer does not add it) and a short request still gets a KV buffer as large as the
+    sliding window (onnxruntime-genai refuses a smaller one). Either bug: no tokens at all."""
+    eng = OrtGenaiEngine(gemma3_onnx_int8, OrtGenaiOptions(max_batch=1))
+    try:
+        tokens = eng.tokenize("Once upon a time, a lighthouse keeper")
+        assert tokens[0] == eng._bos_id is not None
+        assert len(tokens) + 8 < eng.min_session  # short enough to have hit the window bug
+        runner = eng.create_runner()
+        runner.add(GenerationRequest("g", tokens, 8, GREEDY))
+        pieces: list[bytes] = []
+        for _ in range(20):
+            for out in runner.step():
+                assert isinstance(out, TokenOutput), out
+                pieces.append(out.piece)
+            if len(pieces) >= 8:
+                break
+        runner.close()
+        assert len(pieces) >= 8 and b"".join(pieces).decode("utf-8").strip()
+    finally:
+        eng.close()

@@ -128,6 +128,7 @@ def _onnx_builder(job: Job, report: Report) -> JobResult:
         # not add it for a converted Gemma, so the engine has to (recorded for it here).
         bos = json.loads((out / "genai_config.json").read_text())["model"].get("bos_token_id")
         details["add_bos_token"] = ids[0] in (bos if isinstance(bos, list) else [bos])
+        _set_add_bos_token(out, bool(details["add_bos_token"]))
     converted = fidelity.score(out, ids, n_threads=job.n_threads)
     if converted.n_vocab != reference.n_vocab:
         raise ConversionError("the converted model's vocabulary differs from its source's")
@@ -169,6 +170,15 @@ def _write_checkpoint(gguf_path: Path, checkpoint: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_add_bos_token(out: Path, value: bool) -> None:
+    """Record in the model folder (the Hugging Face field) whether prompts start with BOS, so an
+    engine can honour it where onnxruntime-genai's tokenizer does not."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config["add_bos_token"] = value
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def _lap(started: float) -> float:
