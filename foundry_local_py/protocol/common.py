@@ -14,6 +14,31 @@ PositiveInt = Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
 Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
 
 
+TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+TextsOrTokens = str | list[str] | TokenIds | list[TokenIds]
+"""What OpenAI accepts as ``prompt`` / ``input``: a string, strings, token ids, or lists of them."""
+
+
+def check_texts_or_tokens(value: TextsOrTokens, field: str) -> TextsOrTokens:
+    """Reject an empty value or empty entries (a validator body for such fields)."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"{field} must not be empty")
+        return value
+    if not value or any(isinstance(v, (str, list)) and len(v) == 0 for v in value):
+        raise ValueError(f"{field} must not be empty or contain empty entries")
+    return value
+
+
+def as_list(value: TextsOrTokens) -> list[str | list[int]]:
+    """Each entry a string or a list of token ids (one flat id list is one entry)."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(x, int) for x in value):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
+
+
 class WireModel(BaseModel):
     """Requests ignore unknown vendor fields (as llama.cpp and Ollama do) but type-check known ones."""
 

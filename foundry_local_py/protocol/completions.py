@@ -6,13 +6,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, field_validator
 
-from .common import FinishReason, SamplingFields, Usage
-
-TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+from .common import FinishReason, SamplingFields, TextsOrTokens, Usage, as_list, check_texts_or_tokens
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: TextsOrTokens
     echo: StrictBool = False
     suffix: str | None = None
     best_of: StrictInt | None = None
@@ -20,27 +18,12 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_nonempty(
-        cls, value: str | list[str] | TokenIds | list[TokenIds]
-    ) -> str | list[str] | TokenIds | list[TokenIds]:
-        if isinstance(value, str):
-            if value == "":
-                raise ValueError("prompt must not be empty")
-            return value
-        if len(value) == 0:
-            raise ValueError("prompt must not be empty")
-        if any(isinstance(p, (str, list)) and len(p) == 0 for p in value):
-            raise ValueError("prompt must not contain empty entries")
-        return value
+    def _prompt_nonempty(cls, value: TextsOrTokens) -> TextsOrTokens:
+        return check_texts_or_tokens(value, "prompt")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each entry a string or a list of token ids."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return as_list(self.prompt)
 
 
 class CompletionLogprobs(BaseModel):
