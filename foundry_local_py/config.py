@@ -31,6 +31,23 @@ def physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+KV_TOKEN_BUDGET = 32768
+"""Default bound on the KV cache of one model, in tokens (slots x context per request)."""
+
+
+def auto_parallel(n_ctx: int, cores: int | None = None) -> int:
+    """Default slot count for a model with ``n_ctx`` tokens of context per request.
+
+    Four per physical core, 4 to 16: decoding a small model is bound by memory traffic for the
+    weights, which a step shares among all its sequences, so extra slots cost little per token.
+    At most ``KV_TOKEN_BUDGET // n_ctx``, so long contexts do not multiply the KV cache's memory.
+    """
+    cores = cores or physical_cores()
+    by_cores = min(16, max(4, 4 * cores))
+    by_ctx = max(1, KV_TOKEN_BUDGET // max(1, n_ctx))
+    return min(by_cores, by_ctx)
+
+
 class Settings(BaseSettings):
     """Server and runtime settings."""
 
@@ -79,7 +96,15 @@ class Settings(BaseSettings):
     n_ctx: int | None = Field(
         None, ge=64, description="Context per request (default: the model's, capped at 4096)."
     )
-    max_batch_size: int = Field(4, ge=1, le=64, description="Sequences decoded together per model.")
+    parallel: int | None = Field(
+        None, ge=1, le=64,
+        validation_alias=AliasChoices("parallel", "max_batch_size", "FOUNDRY_LOCAL_PARALLEL",
+                                      "FOUNDRY_LOCAL_MAX_BATCH_SIZE"),
+        description="Sequences decoded together per model (slots). Default: from cores and context.",
+    )
+
+    prompt_cache_mib: int = Field(
+        256, ge=0, description="Host memory per model for KV states of finished requests (0: off).")
 
     # --- scheduling ----------------------------------------------------------------------
     max_queue: int = Field(64, ge=0, description="Requests waiting per model before 429.")

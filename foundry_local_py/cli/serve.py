@@ -33,8 +33,12 @@ def serve(  # noqa: PLR0917 - one parameter per flag, as typer wants
     catalog: Annotated[Path | None, typer.Option(help="Extra catalog file")] = None,
     n_threads: Annotated[int | None, typer.Option(help="Decode threads [all cores]")] = None,
     n_ctx: Annotated[int | None, typer.Option(help="Context length per request")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Sequences decoded together")] = None,
+    parallel: Annotated[int | None, typer.Option(
+        "--parallel", "--max-batch",
+        help="Slots: sequences decoded together per model [from cores and context]")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429")] = None,
+    queue_timeout: Annotated[float | None, typer.Option(
+        help="Seconds a request may wait for a slot before 503")] = None,
     device: Annotated[str | None, typer.Option(help="auto|cpu|gpu|npu")] = None,
     ep: Annotated[str | None, typer.Option(help="Force an execution provider")] = None,
     allowed_host: Annotated[list[str] | None, typer.Option(help="Extra allowed Host header")] = None,
@@ -52,8 +56,9 @@ def serve(  # noqa: PLR0917 - one parameter per flag, as typer wants
         hosts = [*base.allowed_hosts, *allowed_host]
     settings = build_settings(
         default_model=model, host=host, port=port, api_key=api_key, cache_dir=cache_dir,
-        catalog_path=catalog, n_threads=n_threads, n_ctx=n_ctx, max_batch_size=max_batch,
-        max_queue=max_queue, device=device, ep=ep, allowed_hosts=hosts, cors_origins=cors_origin,
+        catalog_path=catalog, n_threads=n_threads, n_ctx=n_ctx, parallel=parallel,
+        max_queue=max_queue, queue_timeout_s=queue_timeout, device=device, ep=ep, allowed_hosts=hosts,
+        cors_origins=cors_origin,
         preload=False if no_preload else None, log_level=log_level,
     )
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:

@@ -116,8 +116,9 @@ class BatchRunner(Protocol):
 
     max_batch: int
 
-    def add(self, request: GenerationRequest) -> None:
-        """Start a sequence. May raise :class:`~foundry_local_py.errors.FoundryError`."""
+    def add(self, request: GenerationRequest) -> int:
+        """Start a sequence; returns how many of its prompt tokens were already in the engine's
+        cache (prefix caching; 0 without). May raise :class:`~foundry_local_py.errors.FoundryError`."""
 
     def remove(self, request_id: str) -> None:
         """Drop a sequence (finished, cancelled or stopped by a stop string) and free its slot."""

@@ -16,6 +16,7 @@ class EngineOptions:
     n_ctx: int | None = None
     execution_provider: str = "cpu"
     """'cpu', 'cuda', 'dml', ... (lower-case short names)."""
+    prompt_cache_bytes: int = 256 << 20
 
 
 def load_engine(fmt: str, path: Path, options: EngineOptions) -> Engine:
@@ -29,6 +30,7 @@ def load_engine(fmt: str, path: Path, options: EngineOptions) -> Engine:
                 n_ctx=options.n_ctx,
                 max_batch=options.max_batch,
                 n_gpu_layers=0 if options.execution_provider == "cpu" else -1,
+                prompt_cache_bytes=options.prompt_cache_bytes,
             ),
         )
     if fmt == "onnx":

@@ -4,8 +4,14 @@ We drive ``llama_decode`` ourselves instead of using ``llama_cpp.Llama``: one co
 ``max_batch`` sequences (one KV-cache stream each), and every :meth:`_LlamaRunner.step` builds a
 single batch with one decode token per generating sequence plus a chunk of prompt tokens of
 sequences still in prefill. That is continuous batching with chunked prefill, as llama.cpp's own
-``llama-server`` does it. Each slot remembers the tokens in its KV cache, so a new request reuses
-the longest matching prefix (multi-turn chats skip re-reading the conversation).
+``llama-server`` does it.
+
+Prefix caching: each slot remembers the tokens whose KV entries it holds (also after its request
+ended), and finished sequences are also kept in a host-memory :class:`PromptCache`. A new request
+starts from the longest prefix of its prompt found in its own slot (a chat's previous turn), in
+another slot (busy or idle) or in the host cache; state from elsewhere is copied into its slot
+(``llama_state_seq_get/set_data``), then cut to the shared prefix. A system prompt common to all
+requests is computed once, not once per slot.
 
 Sampling uses llama.cpp's sampler chains (one per sequence): logit bias, penalties, grammar
 (structured output), top-k, top-p, min-p, temperature, seeded dist / greedy.
@@ -39,6 +45,7 @@ from .base import (
     TokenOutput,
     TopCandidate,
 )
+from .prompt_cache import PromptCache, as_tokens, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,8 @@ _BACKEND_LOCK = threading.Lock()
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
 PREFILL_CHUNK = 256  # prompt tokens per step while other sequences are decoding
 N_BATCH = 512
+_MIN_GAIN = 4  # prompt tokens a state copy must save to be worth it
+_MIN_CACHED = 8  # shorter sequences are not worth a place in the host prompt cache
 
 
 def _init_backend() -> None:
@@ -65,7 +74,9 @@ class LlamaCppOptions:
     default_ctx_cap: int = 4096
     max_batch: int = 4
     n_gpu_layers: int = 0
-    flash_attn: bool = False
+    flash_attn: bool = True
+    prompt_cache_bytes: int = 256 << 20
+    """Host memory for the KV state of finished sequences (0: slots only)."""
 
 
 class LlamaCppEngine:
@@ -314,7 +325,10 @@ class _LlamaRunner:
         cparams.n_seq_max = self.max_batch
         cparams.n_threads = opts.n_threads
         cparams.n_threads_batch = opts.n_threads
-        cparams.kv_unified = False  # one KV stream per sequence: faster for unrelated requests
+        # One KV stream per sequence. A unified cache would share prefix cells for free, but
+        # attention over a shared stream computes a sequence's logits differently depending on
+        # its neighbours in the batch: outputs would change with load (greedy included).
+        cparams.kv_unified = False
         cparams.no_perf = True
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -331,13 +345,23 @@ class _LlamaRunner:
         self._by_request: dict[str, _Slot] = {}
         self._tick = 0
         self._n_vocab = engine.n_vocab
+        model = engine.model_ptr
+        self._n_swa = max(0, llama_cpp.llama_model_n_swa(model))
+        # A recurrent state cannot be cut back to a prefix or shared: only whole-cache reuse.
+        self._share = not (llama_cpp.llama_model_is_recurrent(model)
+                           or llama_cpp.llama_model_is_hybrid(model))
+        # Sliding-window caches forget old positions: a saved state may lack the window before
+        # the shared prefix's end, so such models reuse only their own slot's cache.
+        self._cache = (PromptCache(opts.prompt_cache_bytes)
+                       if self._share and not self._n_swa and opts.prompt_cache_bytes > 0 else None)
 
     # --- protocol -----------------------------------------------------------------------
 
     def active(self) -> int:
         return len(self._by_request)
 
-    def add(self, request: GenerationRequest) -> None:
+    def add(self, request: GenerationRequest) -> int:
+        """Start a sequence; returns how many prompt tokens came from the prefix cache."""
         prompt = request.prompt_tokens
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -349,13 +373,7 @@ class _LlamaRunner:
             )
         slot = self._pick_slot(prompt)
         sampler = self._make_sampler(request.sampling)
-        keep = _common_prefix(slot.cached, prompt)
-        keep = min(keep, len(prompt) - 1)  # always evaluate at least the last prompt token
-        if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
-            # Some caches (sliding-window, recurrent) cannot drop a suffix: start over.
-            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-            keep = 0
-        slot.cached = slot.cached[:keep]
+        keep = self._reuse_prefix(slot, prompt)
         slot.prompt = list(prompt)
         slot.pending = None
         slot.request_id = request.request_id
@@ -365,6 +383,7 @@ class _LlamaRunner:
                        and sp.repeat_penalty == 1.0 and not sp.frequency_penalty and not sp.presence_penalty)
         slot.top_logprobs = sp.top_logprobs
         self._by_request[request.request_id] = slot
+        return keep
 
     def remove(self, request_id: str) -> None:
         slot = self._by_request.pop(request_id, None)
@@ -375,6 +394,8 @@ class _LlamaRunner:
         slot.sampler = None
         slot.request_id = None
         slot.pending = None
+        if self._cache is not None and len(slot.cached) >= _MIN_CACHED:
+            self._cache.put(slot.cached, self._state_of(slot))
         self._tick += 1
         slot.last_used = self._tick
 
@@ -452,11 +473,57 @@ class _LlamaRunner:
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.cached = []
 
+    def _reuse_prefix(self, slot: _Slot, prompt: list[int]) -> int:
+        """Make ``slot``'s cache hold the longest cached prefix of ``prompt``; returns its length
+        (never the whole prompt: the last token's logits are needed)."""
+        limit = len(prompt) - 1
+        want = as_tokens(prompt)
+        keep = min(common_prefix(as_tokens(slot.cached), want), limit)
+        if keep > 0 and self._n_swa:
+            # The window before the prefix's end must still be in the sliding-window cache.
+            pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, slot.seq_id)
+            if pos_min > max(0, keep - self._n_swa):
+                keep = 0
+        state: bytes | None = None
+        if self._cache is not None:
+            # Copying a state costs far less than computing a few tokens: take it from elsewhere
+            # when that saves at least _MIN_GAIN of them.
+            floor = keep + _MIN_GAIN - 1
+            for other in self._slots:
+                if other is not slot and len(other.cached) > floor:
+                    n = min(common_prefix(as_tokens(other.cached), want), limit)
+                    if n > floor:
+                        state, keep, floor = self._state_of(other), n, n
+            found = self._cache.lookup(want, floor)
+            if found is not None:
+                state, keep = found[0].state, min(found[1], limit)
+        if state is not None:
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(state), slot.seq_id) == 0:
+                log.warning("restoring a cached prompt state failed; computing the prompt")
+                keep = 0
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
+        elif keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
+            # A recurrent cache cannot drop a suffix: start over.
+            keep = 0
+        if keep == 0:
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.cached = list(prompt[:keep])
+        return keep
+
+    def _state_of(self, slot: _Slot) -> bytes:
+        """A copy of ``slot``'s KV entries (all layers), as llama.cpp serialises a sequence."""
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, slot.seq_id)
+        return bytes(buf)[:n]
+
     def _pick_slot(self, prompt: list[int]) -> _Slot:
         free = [s for s in self._slots if s.request_id is None]
         if not free:
             raise EngineError("no free sequence slot")
-        return max(free, key=lambda s: (_common_prefix(s.cached, prompt), -s.last_used))
+        want = as_tokens(prompt)
+        return max(free, key=lambda s: (common_prefix(as_tokens(s.cached), want), -s.last_used))
 
     def _make_sampler(self, sp: SamplingParams) -> Any:
         params = llama_cpp.llama_sampler_chain_default_params()
@@ -527,10 +594,3 @@ class _LlamaRunner:
 
         return for_token
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -462,15 +462,15 @@ class _EngineRunner:
     def active(self) -> int:
         return len(self._by_request) + self._solo.active()
 
-    def add(self, request: GenerationRequest) -> None:
+    def add(self, request: GenerationRequest) -> int:
         if request.request_id in self._by_request or self._solo.has(request.request_id):
             raise EngineError("duplicate request id")
         budget = _budget(self.owner, request)
         sp = request.sampling
         _check_sampling(sp)
         if not self._continuous and sp.temperature > 0.0 and sp.seed is not None:
-            self._solo.add(request)  # "A per-turn seed requires an Engine configured for dynamic batching"
-            return
+            # "A per-turn seed requires an Engine configured for dynamic batching"
+            return self._solo.add(request)
         guidance = constraint_to_guidance(sp.constraint) if sp.constraint is not None else None
         lane = self._open_lane()
         og_request = None
@@ -491,6 +491,7 @@ class _EngineRunner:
         seq = _Seq(request.request_id, og_request, int(turn_id), self.owner.create_stream(), lane, budget)
         lane.members[id(og_request)] = seq
         self._by_request[request.request_id] = seq
+        return 0  # og.Engine keeps no KV between requests
 
     def remove(self, request_id: str) -> None:
         seq = self._by_request.pop(request_id, None)
@@ -641,7 +642,7 @@ class _GeneratorRunner:
     def has(self, request_id: str) -> bool:
         return request_id in self._seqs
 
-    def add(self, request: GenerationRequest) -> None:
+    def add(self, request: GenerationRequest) -> int:
         if request.request_id in self._seqs:
             raise EngineError("duplicate request id")
         budget = _budget(self.owner, request)
@@ -665,6 +666,7 @@ class _GeneratorRunner:
         self._seqs[request.request_id] = _GenSeq(
             request.request_id, generator, self.owner.create_stream(), list(request.prompt_tokens), budget
         )
+        return 0
 
     def remove(self, request_id: str) -> None:
         self._seqs.pop(request_id, None)  # dropping the generator frees its KV cache

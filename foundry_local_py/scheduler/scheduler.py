@@ -6,6 +6,9 @@ sequence, turns token bytes into text (:mod:`.output`), and hands events to each
 queue. Routes only see :class:`RequestHandle` and its events, so the batching policy can change
 without touching them.
 
+Prefix caching lives in the engine: ``runner.add`` says how many prompt tokens it found cached, which
+the scheduler reports (``on_admit``, usage's ``cached_tokens``, :meth:`Scheduler.slots`).
+
 Back-pressure: a full waiting queue refuses with 429; a request waiting longer than
 ``queue_timeout_s`` fails with 503. A cancelled request (client gone) leaves the runner at the next
 step, which frees its slot within one token's time (prefill is chunked by the engine).
@@ -19,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,6 +57,8 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     t: float
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
 
 
 @dataclass
@@ -72,6 +77,26 @@ class SchedulerStats:
     max_batch: int
     completed: int
     cancelled: int
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """A running request, as ``GET /v1/slots`` shows it."""
+
+    slot: int
+    request_id: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    running_s: float
+
+
+@dataclass(frozen=True)
+class SlotsSnapshot:
+    max_batch: int
+    running: list[SlotState]
+    waiting: list[tuple[str, float]]
+    """(request id, seconds waited so far), oldest first."""
 
 
 class RequestHandle:
@@ -112,12 +137,18 @@ class RequestHandle:
 
 
 class _Sequence:
-    __slots__ = ("handle", "processor")
+    __slots__ = ("cached_tokens", "handle", "processor", "slot")
 
-    def __init__(self, handle: RequestHandle) -> None:
+    def __init__(self, handle: RequestHandle, slot: int, cached_tokens: int) -> None:
         self.handle = handle
+        self.slot = slot
+        self.cached_tokens = cached_tokens
         req = handle.request
         self.processor = OutputProcessor(max_tokens=req.max_tokens, stop=req.stop)
+
+    def finish_event(self, reason: Literal["stop", "length", "cancelled"], t: float) -> FinishEvent:
+        return FinishEvent(reason, len(self.handle.request.prompt_tokens),
+                           self.processor.completion_tokens, t, self.cached_tokens)
 
 
 class Scheduler:
@@ -130,9 +161,13 @@ class Scheduler:
         name: str,
         max_queue: int = 64,
         queue_timeout_s: float = 120.0,
+        on_admit: Callable[[int, int], None] | None = None,
     ) -> None:
+        """``on_admit(prompt_tokens, cached_tokens)`` is called (worker thread) for every
+        request that starts decoding."""
         self.engine = engine
         self.name = name
+        self._on_admit = on_admit
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
         self._cond = threading.Condition()
@@ -192,6 +227,17 @@ class Scheduler:
                 completed=self._completed,
                 cancelled=self._cancelled,
             )
+
+    def slots(self) -> SlotsSnapshot:
+        now = time.monotonic()
+        with self._cond:
+            running = [
+                SlotState(seq.slot, rid, len(seq.handle.request.prompt_tokens), seq.cached_tokens,
+                          seq.processor.completion_tokens, now - (seq.handle.started_at or now))
+                for rid, seq in self._active.items()
+            ]
+            waiting = [(h.request_id, now - h.submitted_at) for h in self._waiting]
+            return SlotsSnapshot(self._max_batch, sorted(running, key=lambda s: s.slot), waiting)
 
     # --- admission (event-loop side) ------------------------------------------------------
 
@@ -261,7 +307,7 @@ class Scheduler:
 
     def _admit(self, runner: BatchRunner, handle: RequestHandle) -> None:
         try:
-            runner.add(handle.request)
+            cached = runner.add(handle.request) or 0
         except FoundryError as exc:
             self._send(handle, ErrorEvent(exc, time.monotonic()))
             return
@@ -272,7 +318,14 @@ class Scheduler:
             return
         handle.started_at = time.monotonic()
         with self._cond:
-            self._active[handle.request_id] = _Sequence(handle)
+            used = {seq.slot for seq in self._active.values()}
+            slot = next(i for i in range(len(used) + 1) if i not in used)
+            self._active[handle.request_id] = _Sequence(handle, slot, cached)
+        if self._on_admit is not None:
+            try:
+                self._on_admit(len(handle.request.prompt_tokens), cached)
+            except Exception:
+                log.exception("on_admit callback failed")
 
     def _drop_cancelled(self, runner: BatchRunner) -> None:
         gone = [rid for rid, seq in self._active.items() if seq.handle.cancelled]
@@ -282,8 +335,8 @@ class Scheduler:
                 seq = self._active.pop(rid)
                 self._cancelled += 1
             now = time.monotonic()
-            self._send(seq.handle, ErrorEvent(self._abort, now) if self._abort else FinishEvent(
-                "cancelled", len(seq.handle.request.prompt_tokens), seq.processor.completion_tokens, now))
+            self._send(seq.handle, ErrorEvent(self._abort, now) if self._abort
+                       else seq.finish_event("cancelled", now))
 
     def _dispatch(self, runner: BatchRunner, outputs: object) -> None:
         now = time.monotonic()
@@ -306,10 +359,7 @@ class Scheduler:
             reason = seq.processor.finish_reason
             if reason is not None:
                 self._finish(runner, out.request_id)
-                batch.append(
-                    (seq.handle, FinishEvent(reason, len(seq.handle.request.prompt_tokens),
-                                             seq.processor.completion_tokens, now))
-                )
+                batch.append((seq.handle, seq.finish_event(reason, now)))
         if batch:
             self._send_many(batch)
 

@@ -87,6 +87,15 @@ class Metrics:
         self.generation_tokens = Counter(
             f"{PREFIX}_generation_tokens", "Tokens generated.", ["model"], registry=r
         )
+        self.prefix_cache_queries = Counter(
+            f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+            ["model"], registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            f"{PREFIX}_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (their KV entries were reused, not computed).",
+            ["model"], registry=r,
+        )
         self.model_load_seconds = Histogram(
             f"{PREFIX}_model_load_seconds", "Time to load a model.", ["model"],
             buckets=_LOAD_BUCKETS, registry=r,
@@ -99,6 +108,18 @@ class Metrics:
             "Times a variant failed to initialise and the next one was used.",
             ["model", "failed_variant"], registry=r,
         )
+
+    def prefix_cache_observer(self, model: str) -> Callable[[int, int], None]:
+        """The scheduler's ``on_admit`` hook for ``model``: counts prefix-cache lookups and hits."""
+        queries = self.prefix_cache_queries.labels(model)
+        hits = self.prefix_cache_hits.labels(model)
+
+        def observe(prompt_tokens: int, cached_tokens: int) -> None:
+            queries.inc(prompt_tokens)
+            if cached_tokens:
+                hits.inc(cached_tokens)
+
+        return observe
 
     def attach_state(
         self, states: Callable[[], Iterable[ModelState]], cache_size: Callable[[], int | None]

@@ -22,7 +22,7 @@ import psutil
 
 from ..cache.catalog import Catalog, CatalogModel, Variant
 from ..cache.store import ModelStore
-from ..config import Settings
+from ..config import Settings, auto_parallel
 from ..engines.base import Engine
 from ..engines.chat_format import ChatFormatter
 from ..engines.factory import EngineOptions, load_engine
@@ -241,8 +241,8 @@ class ModelManager:
         n_ctx = s.n_ctx or min(variant.context_length or model.context_length, DEFAULT_CTX_CAP)
         engine = self._engine_loader(
             variant.format, path,
-            EngineOptions(n_threads=s.n_threads, max_batch=s.max_batch_size, n_ctx=n_ctx,
-                          execution_provider=engine_ep),
+            EngineOptions(n_threads=s.n_threads, max_batch=s.parallel or auto_parallel(n_ctx), n_ctx=n_ctx,
+                          execution_provider=engine_ep, prompt_cache_bytes=s.prompt_cache_mib << 20),
         )
         try:
             spec = engine.chat_template()
@@ -257,7 +257,8 @@ class ModelManager:
                 else None
             )
             scheduler = Scheduler(engine, name=model.alias, max_queue=s.max_queue,
-                                  queue_timeout_s=s.queue_timeout_s)
+                                  queue_timeout_s=s.queue_timeout_s,
+                                  on_admit=self.metrics.prefix_cache_observer(model.alias))
             scheduler.start()
         except BaseException:
             engine.close()

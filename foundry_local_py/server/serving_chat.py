@@ -319,11 +319,7 @@ async def _collect(
 
 
 def _usage(finish: FinishEvent) -> Usage:
-    return Usage(
-        prompt_tokens=finish.prompt_tokens,
-        completion_tokens=finish.completion_tokens,
-        total_tokens=finish.prompt_tokens + finish.completion_tokens,
-    )
+    return Usage.of(finish.prompt_tokens, finish.completion_tokens, finish.cached_tokens)
 
 
 def _tool_call(call: ParsedToolCall) -> ToolCall:

@@ -273,4 +273,5 @@ def _logprobs(entries: list[LogprobEntry], offset: int) -> CompletionLogprobs:
 def _usage(choices: list[_Choice]) -> Usage:
     prompt = sum(c.finish.prompt_tokens for c in choices if c.finish)
     completion = sum(c.finish.completion_tokens for c in choices if c.finish)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(c.finish.cached_tokens for c in choices if c.finish)
+    return Usage.of(prompt, completion, cached)

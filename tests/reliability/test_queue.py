@@ -111,3 +111,17 @@ def test_waiting_client_leaving_frees_its_place(small) -> None:  # type: ignore[
         )
         assert poll(lambda: _gauge(base, "requests_waiting") == 1, 3)
     assert queued.result(timeout=60).status_code == 200
+
+
+def test_cancelled_stream_lets_the_waiting_request_in_at_once(small) -> None:  # type: ignore[no-untyped-def]
+    """The only slot is busy and a request waits: when the running stream's client leaves, its
+    sequence is freed and the waiting request starts streaming (bound: generous for CI)."""
+    base = small.base_url
+    with ThreadPoolExecutor(1) as pool:
+        with _occupied(base):
+            waiter = _post_in_background(pool, base + "/v1/chat/completions", chat_body(max_tokens=3))
+            assert poll(lambda: _gauge(base, "requests_waiting") == 1, QUEUE_TIMEOUT_S)
+        # _occupied disconnected and saw running drop to 0; the waiter is admitted and served
+        r = waiter.result(timeout=3)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    assert _gauge(base, "requests_waiting") == 0

@@ -53,7 +53,7 @@ class FakeRunner:
         self._seqs: dict[str, int] = {}  # request id -> next piece index
         self.thread = threading.current_thread()
 
-    def add(self, request: GenerationRequest) -> None:
+    def add(self, request: GenerationRequest) -> int:
         assert threading.current_thread() is self.thread, "runner used from two threads"
         if self.engine.script.add_error is not None:
             raise self.engine.script.add_error
@@ -61,6 +61,7 @@ class FakeRunner:
         self._seqs[request.request_id] = 0
         self.engine.stats.added.append(request.request_id)
         self.engine.stats.peak_active = max(self.engine.stats.peak_active, len(self._seqs))
+        return 0
 
     def remove(self, request_id: str) -> None:
         if self._seqs.pop(request_id, None) is not None:

@@ -74,7 +74,7 @@ def _settings(tmp_path: Path, **kw: Any) -> Settings:
         "catalog_path": _catalog(tmp_path),
         "default_model": "fake-chat",
         "n_threads": 1,
-        "max_batch_size": 2,
+        "parallel": 2,
         "allowed_hosts": ["testserver", "127.0.0.1", "localhost"],
     }
     base.update(kw)

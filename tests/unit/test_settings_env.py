@@ -11,7 +11,7 @@ from foundry_local_py.config import Settings
 
 def test_settings_round_trip_through_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     given = Settings(port=4321, api_key="s3cret", cache_dir=tmp_path / "c", allowed_hosts=["a.lan", "b"],
-                     device="cpu", ep="cpu", n_threads=3, n_ctx=1024, max_batch_size=2, preload=False,
+                     device="cpu", ep="cpu", n_threads=3, n_ctx=1024, parallel=2, preload=False,
                      catalog_path=tmp_path / "cat.json", model_ttl_s=5.5, cors_origins=["http://x"])
     for key in list(__import__("os").environ):
         if key.startswith("FOUNDRY_LOCAL_"):

@@ -1,6 +1,8 @@
-"""/health (readiness) and /metrics (Prometheus)."""
+"""/health (readiness), /metrics (Prometheus) and /v1/slots (what each loaded model is running)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +26,33 @@ async def health(request: Request) -> JSONResponse:
     if core.preload_error:
         body["error"] = core.preload_error
     return JSONResponse(body, status_code=503 if core.preloading else 200)
+
+
+@router.get("/v1/slots")
+async def slots(request: Request) -> JSONResponse:
+    """Per loaded model: its slots (busy with which request, how far along, or idle) and its
+    wait queue, like llama-server's /slots, for humans and scripts."""
+    core = get_core(request)
+    data: list[dict[str, Any]] = []
+    for lm in core.manager.loaded():
+        snap = lm.scheduler.slots()
+        busy = {s.slot: s for s in snap.running}
+        rows: list[dict[str, Any]] = []
+        for i in range(max(snap.max_batch, len(busy))):
+            s = busy.get(i)
+            rows.append({"id": i, "state": "idle"} if s is None else {
+                "id": i, "state": "decoding" if s.completion_tokens else "prefill",
+                "request_id": s.request_id, "prompt_tokens": s.prompt_tokens,
+                "cached_tokens": s.cached_tokens, "completion_tokens": s.completion_tokens,
+                "running_s": round(s.running_s, 3),
+            })
+        data.append({
+            "id": lm.id, "model": lm.alias, "engine": lm.engine.info.engine,
+            "parallel": snap.max_batch, "running": len(snap.running), "waiting": len(snap.waiting),
+            "slots": rows,
+            "queue": [{"request_id": rid, "waiting_s": round(w, 3)} for rid, w in snap.waiting],
+        })
+    return JSONResponse({"object": "list", "data": data})
 
 
 @router.get("/metrics")
