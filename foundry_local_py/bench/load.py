@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import statistics
 import time
 from collections.abc import Callable
@@ -172,6 +173,7 @@ async def run_level(
     api_key: str | None = None,
     timeout_s: float = 600.0,
     api: str = "chat",
+    unique_prompts: bool = False,
 ) -> LevelResult:
     url = _url(base_url, api)
     sem = asyncio.Semaphore(concurrency)
@@ -180,8 +182,10 @@ async def run_level(
 
         async def task(i: int) -> RequestResult:
             async with sem:
-                return await _one(client, url, model, PROMPTS[i % len(PROMPTS)], max_tokens,
-                                  api_key=api_key)
+                prompt = PROMPTS[i % len(PROMPTS)]
+                if unique_prompts:
+                    prompt = f"{prompt} (ref {secrets.token_hex(3)})"
+                return await _one(client, url, model, prompt, max_tokens, api_key=api_key)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(requests)))

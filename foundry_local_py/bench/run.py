@@ -39,6 +39,9 @@ class BenchConfig:
     """Single-stream rounds, each paired with a ceiling measurement right before it."""
     log_dir: Path = Path(".bench-logs")
     server_args: list[str] = field(default_factory=list)
+    unique_prompts: bool = False
+    """Add a random tag to each prompt, so no request repeats an earlier one (every level sends
+    the same 16 prompts otherwise, which a server with a prompt cache has seen before)."""
 
 
 def resolve_gguf(model: str) -> Path:
@@ -85,7 +88,7 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
         "model": cfg.model, "api": cfg.api, "gguf": gguf.name if gguf else None,
-        "requests_per_level": cfg.requests,
+        "requests_per_level": cfg.requests, "unique_prompts": cfg.unique_prompts,
         "max_tokens": cfg.max_tokens, "n_threads": cfg.n_threads, "systems": {},
     }
     ceiling = None
@@ -125,7 +128,8 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
                 console.print(f"  {name}: concurrency {c}, {cfg.requests} requests ...")
                 level = asyncio.run(run_level(url, model, concurrency=c, requests=cfg.requests,
                                               max_tokens=cfg.max_tokens, count_tokens=count,
-                                              api_key=cfg.api_key, api=cfg.api))
+                                              api_key=cfg.api_key, api=cfg.api,
+                                              unique_prompts=cfg.unique_prompts))
                 results[name].append(level)
         for name, levels in results.items():
             proc = next((s for s in servers if s.name == name), None)
@@ -180,7 +184,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(f"\n[bold]{report['model']}[/] ({report['gguf']}), {report['requests_per_level']} "
-                  f"requests/level, max_tokens {report['max_tokens']}, temperature 0, stream; "
+                  f"requests/level{' (unique prompts)' if report.get('unique_prompts') else ''}, "
+                  f"max_tokens {report['max_tokens']}, temperature 0, stream; "
                   f"{report['machine']}; {report['date']}")
     ceiling = report.get("ceiling_decode_tps")
     if ceiling:

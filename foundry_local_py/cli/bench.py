@@ -25,6 +25,8 @@ def bench(  # noqa: PLR0917 - one parameter per flag
     server_arg: Annotated[list[str] | None, typer.Option(help="Extra flag for our server")] = None,
     api: Annotated[str, typer.Option(help="chat, or completions for base models")] = "chat",
     pairs: Annotated[int, typer.Option(help="Single-stream vs ceiling rounds (alternating)")] = 6,
+    unique_prompts: Annotated[bool, typer.Option(
+        "--unique-prompts", help="Make every prompt new (no prompt-cache hits across requests)")] = False,
     engines: Annotated[bool, typer.Option("--engines", help="Compare the model's local variants "
                                           "(llama.cpp vs ONNX) in-process instead")] = False,
 ) -> None:
@@ -40,5 +42,5 @@ def bench(  # noqa: PLR0917 - one parameter per flag
         concurrency=[int(c) for c in concurrency.split(",") if c.strip()], max_tokens=max_tokens,
         vs_peer=vs_peer, ceiling=not no_ceiling, n_threads=n_threads or physical_cores(),
         api_key=api_key, json_path=json_out, server_args=server_arg or [], pairs=pairs,
-        api=api,
+        api=api, unique_prompts=unique_prompts,
     ))
