@@ -96,22 +96,23 @@ def test_second_chat_turn_reuses_the_first(client: openai.OpenAI, base_url: str,
 
 
 def test_a_prompt_seen_before_comes_back_from_the_host_cache(client: openai.OpenAI, base_url: str) -> None:
-    def ask(content: str) -> openai.types.CompletionUsage:
+    def ask(content: str) -> tuple[openai.types.CompletionUsage, str]:
         r = client.chat.completions.create(model=SMOLLM, messages=[{"role": "user", "content": content}],
-                                           max_tokens=6, temperature=0)
+                                           max_tokens=12, temperature=0)
         assert r.usage is not None
-        return r.usage
+        return r.usage, r.choices[0].message.content or ""
 
-    first = ask("Recite the alphabet backwards, please, slowly.")
+    first, first_text = ask("Recite the alphabet backwards, please, slowly.")
     assert first.prompt_tokens_details is not None
     fresh = first.prompt_tokens_details.cached_tokens or 0
     assert fresh < first.prompt_tokens - 4  # only the shared system prompt was found
     # More distinct requests than there are slots: the slot that held the first one is reused.
     for i in range(_slots(base_url)["parallel"] + 2):
         ask(f"Count from {i} to {i + 5}.")
-    again = ask("Recite the alphabet backwards, please, slowly.")
+    again, again_text = ask("Recite the alphabet backwards, please, slowly.")
     assert again.prompt_tokens_details is not None
     assert again.prompt_tokens_details.cached_tokens == again.prompt_tokens - 1  # all but the last
+    assert again_text == first_text  # the restored KV state is the one computed the first time
 
 
 def test_slots_endpoint_shows_a_running_request(base_url: str) -> None:
