@@ -347,13 +347,14 @@ class _LlamaRunner:
         self._n_vocab = engine.n_vocab
         model = engine.model_ptr
         self._n_swa = max(0, llama_cpp.llama_model_n_swa(model))
-        # A recurrent state cannot be cut back to a prefix or shared: only whole-cache reuse.
+        # A recurrent state cannot be cut back to a prefix or shared: only its own slot's cache.
         self._share = not (llama_cpp.llama_model_is_recurrent(model)
                            or llama_cpp.llama_model_is_hybrid(model))
         # Sliding-window caches forget old positions: a saved state may lack the window before
         # the shared prefix's end, so such models reuse only their own slot's cache.
+        self._share = self._share and not self._n_swa
         self._cache = (PromptCache(opts.prompt_cache_bytes)
-                       if self._share and not self._n_swa and opts.prompt_cache_bytes > 0 else None)
+                       if self._share and opts.prompt_cache_bytes > 0 else None)
 
     # --- protocol -----------------------------------------------------------------------
 
@@ -485,18 +486,21 @@ class _LlamaRunner:
             if pos_min > max(0, keep - self._n_swa):
                 keep = 0
         state: bytes | None = None
-        if self._cache is not None:
+        if self._share:
             # Copying a state costs far less than computing a few tokens: take it from elsewhere
             # when that saves at least _MIN_GAIN of them.
             floor = keep + _MIN_GAIN - 1
+            donor: _Slot | None = None
             for other in self._slots:
                 if other is not slot and len(other.cached) > floor:
                     n = min(common_prefix(as_tokens(other.cached), want), limit)
                     if n > floor:
-                        state, keep, floor = self._state_of(other), n, n
-            found = self._cache.lookup(want, floor)
+                        donor, keep, floor = other, n, n
+            found = self._cache.lookup(want, floor) if self._cache is not None else None
             if found is not None:
                 state, keep = found[0].state, min(found[1], limit)
+            elif donor is not None:
+                state = self._state_of(donor)
         if state is not None:
             buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
             if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(state), slot.seq_id) == 0:
