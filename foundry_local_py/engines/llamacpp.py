@@ -372,9 +372,13 @@ class _LlamaRunner:
                 f"but the prompt has {len(prompt)} tokens.",
                 param="messages",
             )
-        slot = self._pick_slot(prompt)
+        # Per slot: how many prompt tokens its cache holds (never the last: its logits are needed).
+        want = as_tokens(prompt)
+        shared = {s.seq_id: min(common_prefix(as_tokens(s.cached), want), len(prompt) - 1)
+                  for s in self._slots}
+        slot = self._pick_slot(shared)
         sampler = self._make_sampler(request.sampling)
-        keep = self._reuse_prefix(slot, prompt)
+        keep = self._reuse_prefix(slot, prompt, want, shared)
         slot.prompt = list(prompt)
         slot.pending = None
         slot.request_id = request.request_id
@@ -396,7 +400,7 @@ class _LlamaRunner:
         slot.request_id = None
         slot.pending = None
         if self._cache is not None and len(slot.cached) >= _MIN_CACHED:
-            self._cache.put(slot.cached, self._state_of(slot))
+            self._cache.put(slot.cached, lambda: self._state_of(slot))
         self._tick += 1
         slot.last_used = self._tick
 
@@ -474,12 +478,11 @@ class _LlamaRunner:
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.cached = []
 
-    def _reuse_prefix(self, slot: _Slot, prompt: list[int]) -> int:
-        """Make ``slot``'s cache hold the longest cached prefix of ``prompt``; returns its length
-        (never the whole prompt: the last token's logits are needed)."""
+    def _reuse_prefix(self, slot: _Slot, prompt: list[int], want: np.ndarray, shared: dict[int, int]) -> int:
+        """Make ``slot``'s cache hold the longest cached prefix of ``prompt`` (``want`` as an
+        array; ``shared`` as computed by :meth:`add`); returns its length."""
         limit = len(prompt) - 1
-        want = as_tokens(prompt)
-        keep = min(common_prefix(as_tokens(slot.cached), want), limit)
+        keep = shared[slot.seq_id]
         if keep > 0 and self._n_swa:
             # The window before the prefix's end must still be in the sliding-window cache.
             pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, slot.seq_id)
@@ -492,10 +495,9 @@ class _LlamaRunner:
             floor = keep + _MIN_GAIN - 1
             donor: _Slot | None = None
             for other in self._slots:
-                if other is not slot and len(other.cached) > floor:
-                    n = min(common_prefix(as_tokens(other.cached), want), limit)
-                    if n > floor:
-                        donor, keep, floor = other, n, n
+                n = shared[other.seq_id]
+                if other is not slot and n > floor:
+                    donor, keep, floor = other, n, n
             found = self._cache.lookup(want, floor) if self._cache is not None else None
             if found is not None:
                 state, keep = found[0].state, min(found[1], limit)
@@ -522,12 +524,12 @@ class _LlamaRunner:
         n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, slot.seq_id)
         return bytes(buf)[:n]
 
-    def _pick_slot(self, prompt: list[int]) -> _Slot:
+    def _pick_slot(self, shared: dict[int, int]) -> _Slot:
+        """The free slot whose cache holds most of the prompt; the least recently used on ties."""
         free = [s for s in self._slots if s.request_id is None]
         if not free:
             raise EngineError("no free sequence slot")
-        want = as_tokens(prompt)
-        return max(free, key=lambda s: (common_prefix(as_tokens(s.cached), want), -s.last_used))
+        return max(free, key=lambda s: (shared[s.seq_id], -s.last_used))
 
     def _make_sampler(self, sp: SamplingParams) -> Any:
         params = llama_cpp.llama_sampler_chain_default_params()

@@ -11,7 +11,7 @@ entry; an entry whose tokens extend another's replaces it. Engine-neutral: it st
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,20 +60,28 @@ class PromptCache:
         self._entries.move_to_end(best[0])
         return self._entries[best[0]], best[1]
 
-    def put(self, tokens: Sequence[int], state: bytes) -> None:
-        if len(state) > self.max_bytes or not tokens:
+    def put(self, tokens: Sequence[int], state: Callable[[], bytes]) -> None:
+        """Keep ``tokens``' state. ``state()`` copies it out of the engine, only when needed: not
+        when an entry already holds all of these tokens (a repeated request)."""
+        if not tokens:
             return
         arr = as_tokens(tokens)
-        for key, entry in list(self._entries.items()):
+        extended: list[int] = []
+        for key, entry in self._entries.items():
             n = common_prefix(entry.tokens, arr)
-            if n == len(entry.tokens):  # the new sequence extends (or repeats) this one
-                self._drop(key)
-            elif n == len(arr):  # an entry already holds all of it
+            if n == len(arr):  # an entry already holds all of it
                 self._entries.move_to_end(key)
                 return
-        self._entries[self._next_key] = CachedState(arr, state)
+            if n == len(entry.tokens):  # the new sequence extends this one
+                extended.append(key)
+        data = state()
+        if len(data) > self.max_bytes:
+            return
+        for key in extended:
+            self._drop(key)
+        self._entries[self._next_key] = CachedState(arr, data)
         self._next_key += 1
-        self.bytes += len(state)
+        self.bytes += len(data)
         while self.bytes > self.max_bytes and self._entries:
             self._drop(next(iter(self._entries)))
 
