@@ -121,7 +121,7 @@ class ModelManager:
         for lm in list(self._loaded.values()):
             stats = lm.scheduler.stats()
             yield ModelState(lm.alias, lm.engine.info.engine, lm.engine.info.device, stats.running,
-                             stats.waiting)
+                             stats.waiting, lm.scheduler.max_queue, stats.max_batch, stats.kv_usage)
 
     def choose(
         self, model: CatalogModel, *, ep: str | None = None, requested: str | None = None,
@@ -213,6 +213,7 @@ class ModelManager:
                 lm = await anyio.to_thread.run_sync(self._load_sync, model, variant, engine_ep, ttl)
             except ModelLoadError as exc:
                 self.load_errors[variant.id] = exc.message
+                self.metrics.model_load_failures.labels(model.alias).inc()
                 failed.add(variant.id)
                 if not allow_fallback:
                     raise
