@@ -29,6 +29,9 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 _LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_DECLARED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+_DECLARED_STATUSES = ("200", "429", "500", "503")
+"""The request series every loaded model has from the start (the alerts' errors and 429s)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,18 @@ class Metrics:
             "Times a variant failed to initialise and the next one was used.",
             ["model", "failed_variant"], registry=r,
         )
+
+    def declare_model(self, model: str) -> None:
+        """Create ``model``'s counters at 0 when it loads, so that the first error or 429 after a
+        start moves a series Prometheus already has (a series born at 1 shows no increase, and an
+        alert on its rate would miss it)."""
+        for endpoint in _DECLARED_ENDPOINTS:
+            for status in _DECLARED_STATUSES:
+                self.requests.labels(model, endpoint, status)
+        self.prompt_tokens.labels(model)
+        self.generation_tokens.labels(model)
+        self.prefix_cache_queries.labels(model)
+        self.prefix_cache_hits.labels(model)
 
     def prefix_cache_observer(self, model: str) -> Callable[[int, int], None]:
         """The scheduler's ``on_admit`` hook for ``model``: counts prefix-cache lookups and hits."""

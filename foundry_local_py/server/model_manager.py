@@ -227,6 +227,7 @@ class ModelManager:
                 continue
             lm.load_seconds = time.monotonic() - started
             self.metrics.model_load_seconds.labels(model.alias).observe(lm.load_seconds)
+            self.metrics.declare_model(model.alias)
             self.load_errors.pop(variant.id, None)
             async with self._lock:
                 self._loaded[variant.id] = lm
