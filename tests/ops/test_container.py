@@ -186,7 +186,10 @@ def test_entrypoint_starts_the_real_server_and_the_healthcheck_passes(tmp_path: 
     env = {**base, "PYTHONPATH": str(REPO_ROOT), "FOUNDRY_LOCAL_EXEC": str(wrapper),
            "FOUNDRY_LOCAL_HOST": "127.0.0.1", "FOUNDRY_LOCAL_PORT": str(port),
            "FOUNDRY_LOCAL_CACHE": str(tmp_path / "cache"), "FOUNDRY_LOCAL_API_KEY": "container-key",
-           "FOUNDRY_LOCAL_N_THREADS": "1"}
+           "FOUNDRY_LOCAL_N_THREADS": "1",
+           # A read-only root filesystem, as on Kubernetes: nothing may be written outside the
+           # cache and /tmp (a HOME below a file cannot be created, even by root).
+           "HOME": "/dev/null/home", "TMPDIR": str(tmp_path)}
     healthcheck = _healthcheck_cmd(REPO_ROOT / "Dockerfile")
     healthcheck[0] = sys.executable
     with (tmp_path / "log").open("wb") as log:
@@ -199,7 +202,11 @@ def test_entrypoint_starts_the_real_server_and_the_healthcheck_passes(tmp_path: 
             time.sleep(0.3)
         url = f"http://127.0.0.1:{port}/v1/models"
         assert httpx.get(url).status_code == 401
-        assert httpx.get(url, headers={"Authorization": "Bearer container-key"}).status_code == 200
+        auth = {"Authorization": "Bearer container-key"}
+        assert httpx.get(url, headers=auth).status_code == 200
+        chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=auth, timeout=120, json={
+            "model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert chat.status_code == 200, chat.text
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)  # exec'd: this PID is the server itself

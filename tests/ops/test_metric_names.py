@@ -1,5 +1,5 @@
 """Every metric name that deploy/ (dashboard, alert rules, the chart's HPA and InferencePool,
-prometheus-adapter rules, the endpoint picker's values) and docs/operations.md name is in a live
+prometheus-adapter rules, the endpoint picker's values), docs/operations.md and README name is in a live
 server's /metrics: a rename on either side breaks this test. And the KV-cache gauge follows a real
 request through the llama.cpp runner."""
 
@@ -21,6 +21,7 @@ P = "foundry_local_"
 def _files() -> dict[str, Path]:
     files = deploy.files_naming_metrics()
     files["docs/operations.md"] = REPO_ROOT / "docs" / "operations.md"
+    files["README.md"] = REPO_ROOT / "README.md"
     return files
 
 
