@@ -304,6 +304,20 @@ def test_gauges_moved_with_the_traffic(stack: Stack) -> None:
     assert not stack.query('{__name__=~"foundry_local_.*_created"}'), "_created series are back"
 
 
+def test_prometheus_adapter_queries(stack: Stack) -> None:
+    """The queries prometheus-adapter makes for the HPA, with its template filled as it would for
+    the pods of this job (on Kubernetes it matches namespace and pod labels instead of job)."""
+    rules = yaml.safe_load(deploy.ADAPTER_VALUES.read_text())["rules"]["custom"]
+    assert rules
+    for rule in rules:
+        name = rule["seriesQuery"].split("{", 1)[0]
+        query = (rule["metricsQuery"].replace("<<.Series>>", name)
+                 .replace("<<.LabelMatchers>>", 'job="foundry-local"').replace("<<.GroupBy>>", "instance"))
+        result = stack.query(query)
+        instance = f"127.0.0.1:{stack.server.port}"
+        assert [s["metric"] for s in result] == [{"instance": instance}], (query, result)
+
+
 def test_promtool_check_metrics_on_the_live_exposition(stack: Stack) -> None:
     text = httpx.get(stack.server.url("/metrics"), headers={"Authorization": f"Bearer {API_KEY}"}).text
     r = deploy.run(["promtool", "check", "metrics"], input=text)
