@@ -53,7 +53,7 @@ def test_kv_cache_gauge_follows_a_real_request(base_url: str) -> None:
     body = {"model": SMOLLM, "messages": [{"role": "user", "content": "Tell me a long story."}],
             "max_tokens": 200, "temperature": 0, "stream": True, "logit_bias": {"0": -100, "2": -100}}
     sel = {"model": SMOLLM}
-    assert scrape(base_url).get(P + "kv_cache_usage_ratio", **sel) == 0
+    assert poll(lambda: scrape(base_url).get(P + "kv_cache_usage_ratio", **sel) == 0, 30), "not idle"
     seen: list[float] = []
     with httpx.Client(base_url=base_url, timeout=120) as c, \
             c.stream("POST", "/v1/chat/completions", json=body) as r:
