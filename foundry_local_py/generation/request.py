@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from ..engines.base import Constraint, Engine
@@ -58,10 +59,10 @@ class SamplingAsk:
     logit_bias: Mapping[str, float] | None = None
 
 
-NEUTRAL: Mapping[str, object] = {
+NEUTRAL: Mapping[str, object] = MappingProxyType({
     "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
     "repeat_penalty": 1.0,
-}
+})
 """Values that ask an engine for nothing: accepted even by engines that lack the field."""
 
 
