@@ -84,6 +84,7 @@ def test_unknown_route_and_method_in_each_style(app: TestClient) -> None:
     assert_openai_error(app.post("/v1/nothing-here", json={}), 404, code="not_found")
     assert_anthropic_error(app.get("/v1/messages/nothing-here"), 404, "not_found_error")
     assert_openai_error(app.get("/v1/chat/completions"), 405, code="method_not_allowed")
+    assert_anthropic_error(app.put("/v1/messages/count_tokens", json={}), 405, "invalid_request_error")
 
 
 def test_api_key_as_bearer_or_x_api_key(keyed: TestClient) -> None:
