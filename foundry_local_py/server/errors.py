@@ -65,7 +65,8 @@ def error_body(
 ) -> tuple[int, dict[str, Any]]:
     """The (status, JSON body) of an error in the given style: every error body is built here."""
     if style == "anthropic":
-        return anthropic_error(status, message)
+        # Anthropic's shape has no 'param': the message names the field instead.
+        return anthropic_error(status, f"{param}: {message}" if param and param not in message else message)
     return status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 

@@ -113,7 +113,7 @@ def test_json_object_output(client: openai.OpenAI) -> None:
 
 def _forced_call(client: openai.OpenAI, **extra: Any) -> Any:
     return client.responses.create(
-        model=SMOLLM, input="What is the weather in Paris?", tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        model=SMOLLM, input="What is the weather in Paris?", tools=[WEATHER_TOOL],
         tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=64, temperature=0, **extra)
 
 
@@ -151,7 +151,7 @@ def test_tool_round_trip_with_function_call_output(client: openai.OpenAI) -> Non
     answers = []
     for result in outputs:
         r = client.responses.create(
-            model=SMOLLM, tools=[WEATHER_TOOL], max_output_tokens=40, temperature=0,  # type: ignore[list-item]
+            model=SMOLLM, tools=[WEATHER_TOOL], max_output_tokens=40, temperature=0,
             input=[*convo, {"type": "function_call_output", "call_id": call.call_id, "output": result}])
         assert [item.type for item in r.output] == ["message"], r.output
         assert r.output_text
@@ -166,7 +166,7 @@ def test_tool_round_trip_via_previous_response_id(client: openai.OpenAI) -> None
     first = _forced_call(client)
     call = next(item for item in first.output if item.type == "function_call")
     r = client.responses.create(
-        model=SMOLLM, previous_response_id=first.id, tools=[WEATHER_TOOL], max_output_tokens=40,  # type: ignore[list-item]
+        model=SMOLLM, previous_response_id=first.id, tools=[WEATHER_TOOL], max_output_tokens=40,
         temperature=0,
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "22 C, sunny"}])
     assert r.previous_response_id == first.id
@@ -206,7 +206,7 @@ def test_stream_accumulator_equals_non_stream(client: openai.OpenAI) -> None:
 
 def test_stream_forced_function_call(client: openai.OpenAI) -> None:
     with client.responses.stream(
-        model=SMOLLM, input="What is the weather in Paris?", tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        model=SMOLLM, input="What is the weather in Paris?", tools=[WEATHER_TOOL],
         tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=64, temperature=0,
     ) as stream:
         events = list(stream)

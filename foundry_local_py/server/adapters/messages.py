@@ -164,10 +164,10 @@ class MessagesFrontEnd(FrontEnd[MessagesRequest]):
     def _reason(self, event: FinishEvent | None, calls: list[ParsedToolCall]) -> None:
         if calls:
             self.stop_reason = "tool_use"
+        elif event is not None and event.stop_sequence is not None:
+            self.stop_reason, self.stop_sequence = "stop_sequence", event.stop_sequence
         elif event is not None and event.reason == "length":
             self.stop_reason = "max_tokens"
-        elif event is not None and getattr(event, "stop_sequence", None):
-            self.stop_reason, self.stop_sequence = "stop_sequence", event.stop_sequence  # type: ignore[attr-defined]
 
     def _usage(self, outcome: Outcome) -> Usage:
         prompt, completion, _cached = outcome.usage()
