@@ -276,6 +276,27 @@ def test_retrieve_input_items_delete(client: openai.OpenAI) -> None:
     assert third.output_text
 
 
+def test_concurrent_requests_store_and_continue(client: openai.OpenAI) -> None:
+    """Eight conversations at once (batched together): each is stored and each continues from its
+    own turn (the store's writes are serialised off the event loop)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def converse(i: int) -> tuple[str, str]:
+        first = client.responses.create(model=SMOLLM, input=f"Remember the number {i}.", max_output_tokens=6,
+                                        temperature=0)
+        follow = client.responses.create(model=SMOLLM, input="Which number?", previous_response_id=first.id,
+                                         max_output_tokens=6, temperature=0)
+        return first.id, follow.id
+
+    with ThreadPoolExecutor(8) as pool:
+        pairs = list(pool.map(converse, range(8)))
+    for i, (first_id, follow_id) in enumerate(pairs):
+        items = client.responses.input_items.list(follow_id, order="asc").data
+        assert items[0].content[0].text == f"Remember the number {i}."
+        assert items[-1].content[0].text == "Which number?"
+        assert client.responses.retrieve(first_id).id == first_id
+
+
 def test_store_false_is_not_kept(client: openai.OpenAI, http: httpx.Client) -> None:
     r = client.responses.create(model=SMOLLM, input="Hi", max_output_tokens=4, store=False)
     assert r.store is False

@@ -115,3 +115,18 @@ def test_guard_refusals_in_anthropic_shape(keyed: TestClient) -> None:
     many = {f"x-h{i}": "v" for i in range(300)}
     assert_anthropic_error(keyed.post("/v1/messages", headers={**h, **many}, json={}), 431,
                            "invalid_request_error")
+
+
+def test_openapi_lists_the_new_routes(app: TestClient) -> None:
+    r = app.get("/openapi.json")
+    assert r.status_code == 200
+    doc = r.json()
+    paths = doc["paths"]
+    for path, method in [("/v1/responses", "post"), ("/v1/responses/{response_id}", "get"),
+                         ("/v1/responses/{response_id}", "delete"),
+                         ("/v1/responses/{response_id}/input_items", "get"),
+                         ("/v1/responses/input_tokens", "post"), ("/v1/messages", "post"),
+                         ("/v1/messages/count_tokens", "post")]:
+        assert method in paths.get(path, {}), path
+    schemas = doc["components"]["schemas"]
+    assert {"ResponseCreateRequest", "MessagesRequest", "CountTokensRequest"} <= set(schemas)
