@@ -133,13 +133,14 @@ def test_queue_timeout_is_overloaded_529_on_messages(tmp_path: Path, loader: Loa
     settings = fake_settings(tmp_path, parallel=1, queue_timeout_s=0.3)
     with TestClient(create_app(settings, engine_loader=loader)) as c:
         assert wait_health(c) == 200
-        stop = threading.Event()
+        stop, running = threading.Event(), threading.Event()
 
         def hog() -> None:
             with c.stream("POST", "/v1/chat/completions",
                           json={"model": "fake-chat", "messages": [{"role": "user", "content": "x"}],
-                                "max_tokens": 100, "stream": True}) as r:
+                                "max_tokens": 200, "stream": True}) as r:
                 for _ in r.iter_lines():
+                    running.set()
                     if stop.is_set():
                         break
 
@@ -147,6 +148,7 @@ def test_queue_timeout_is_overloaded_529_on_messages(tmp_path: Path, loader: Loa
         t = threading.Thread(target=hog)
         t.start()
         try:
+            assert running.wait(20)  # the one slot is taken
             m = c.post("/v1/messages", json=MESSAGES)
             assert m.status_code == 529, m.text
             assert m.json()["error"]["type"] == "overloaded_error"
