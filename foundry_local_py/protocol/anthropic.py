@@ -337,7 +337,8 @@ class ToolUseBlock(BaseModel):
 
 ContentBlock = TextBlock | ToolUseBlock
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal"]
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal",
+                     "model_context_window_exceeded"]
 
 
 class Usage(BaseModel):

@@ -282,16 +282,37 @@ def test_not_found_and_oversized(http: httpx.Client) -> None:
     assert "context length" in message
     r = http.post("/v1/messages/count_tokens", json={"model": SMOLLM, "messages": huge})
     assert r.status_code == 200 and r.json()["input_tokens"] > 6000  # counting never refuses
-    message = assert_anthropic_error(
-        http.post("/v1/messages", json={"model": SMOLLM, "max_tokens": 100_000, "messages": USER}),
-        400, "invalid_request_error")
-    assert "max_tokens" in message
     assert_anthropic_error(http.post("/v1/messages", content=b"{nope"), 400, "invalid_request_error")
     assert_anthropic_error(http.post("/v1/messages/count_tokens", json={"model": SMOLLM}), 400,
                            "invalid_request_error")
     # the server still serves
     small = {"model": SMOLLM, "max_tokens": 2, "messages": USER}
     assert http.post("/v1/messages", json=small).status_code == 200
+
+
+def test_max_tokens_beyond_the_context_is_capped(server_factory: ServerFactory) -> None:
+    """Clients send a large fixed max_tokens: it is not refused; generation stops at the context.
+    (A server with a short context keeps the prompt that fills it short.)"""
+    small_ctx = server_factory("--n-ctx", "512")
+    claude = anthropic.Anthropic(base_url=small_ctx.base_url, api_key="x", max_retries=0, timeout=120)
+    n_ctx = httpx.get(small_ctx.url(f"/v1/models/{SMOLLM}")).json()["context_length"]
+    assert n_ctx == 512
+    intro = "Write a very long story about a dragon, a knight and a wizard. Never stop. "
+    pad = "The dragon flew over the mountains and the rivers and the forests. "
+    base = claude.messages.count_tokens(model=SMOLLM,
+                                        messages=[{"role": "user", "content": intro}]).input_tokens
+    per = claude.messages.count_tokens(
+        model=SMOLLM, messages=[{"role": "user", "content": intro + pad}]).input_tokens - base
+    content = intro + pad * ((n_ctx - base - 24) // per)
+    messages = [{"role": "user", "content": content}]
+    room = n_ctx - claude.messages.count_tokens(model=SMOLLM, messages=messages).input_tokens
+    assert 0 < room < 60
+    m = claude.messages.create(model=SMOLLM, max_tokens=32_000, messages=messages, extra_body=GREEDY)
+    assert m.usage.input_tokens + m.usage.output_tokens <= n_ctx
+    assert m.stop_reason in ("model_context_window_exceeded", "end_turn")
+    assert (m.stop_reason == "model_context_window_exceeded") == (m.usage.output_tokens == room)
+    small = claude.messages.create(model=SMOLLM, max_tokens=3, messages=messages, extra_body=GREEDY)
+    assert small.stop_reason == "max_tokens" and small.usage.output_tokens == 3
 
 
 def test_x_api_key_and_bearer(server_factory: ServerFactory) -> None:

@@ -6,8 +6,10 @@
   renderer) equals ``usage.input_tokens``.
 - ``tool_choice`` auto / any (= required) / tool (named) / none; ``stop_sequences``;
   ``temperature``, ``top_p``, ``top_k``; ``output_config.format`` json_schema is grammar-constrained.
-- ``stop_reason``: ``tool_use`` when the reply holds tool calls, ``max_tokens``, ``stop_sequence``
-  (with the sequence), else ``end_turn``.
+- ``stop_reason``: ``tool_use`` when the reply holds tool calls, ``stop_sequence`` (with the
+  sequence), ``max_tokens``, ``model_context_window_exceeded`` (a ``max_tokens`` larger than what
+  the context leaves is not refused, as on Anthropic's newer models: generation stops at the
+  context), else ``end_turn``.
 - Streaming: ``message_start``, ``ping``, then per content block ``content_block_start``,
   ``content_block_delta`` (``text_delta`` / ``input_json_delta``), ``content_block_stop``, then
   ``message_delta`` (stop reason, output tokens) and ``message_stop``; a failure mid-way is an
@@ -126,6 +128,7 @@ def messages_ask(req: CountTokensRequest) -> GenerationAsk:
         model=req.model,
         prompt=prompt,
         max_tokens=req.max_tokens,
+        cap_to_context=True,
         sampling=SamplingAsk(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k),
         stop=list(req.stop_sequences or []),
         response_format=constraint,
@@ -167,7 +170,8 @@ class MessagesFrontEnd(FrontEnd[MessagesRequest]):
         elif event is not None and event.stop_sequence is not None:
             self.stop_reason, self.stop_sequence = "stop_sequence", event.stop_sequence
         elif event is not None and event.reason == "length":
-            self.stop_reason = "max_tokens"
+            capped = event.completion_tokens < self.req.max_tokens
+            self.stop_reason = "model_context_window_exceeded" if capped else "max_tokens"
 
     def _usage(self, outcome: Outcome) -> Usage:
         prompt, completion, _cached = outcome.usage()
