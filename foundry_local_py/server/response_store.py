@@ -17,6 +17,7 @@ as the ``a*`` wrappers do.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -29,6 +30,8 @@ import anyio
 
 DB_NAME = ".responses.sqlite3"
 BUSY_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -77,15 +80,31 @@ class ResponseStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False,
                                    isolation_level=None)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        self.prune()
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+            self.prune()
+        except BaseException:
+            self._db.close()
+            raise
 
     @classmethod
     def in_cache(cls, cache_dir: Path, *, max_stored: int, max_age_s: float) -> ResponseStore:
-        return cls(cache_dir / DB_NAME, max_stored=max_stored, max_age_s=max_age_s)
+        """The store of a cache folder. A database file that is not one (corrupt, truncated) is
+        moved aside as ``<name>.corrupt`` and a new one started: the server still starts."""
+        path = cache_dir / DB_NAME
+        try:
+            return cls(path, max_stored=max_stored, max_age_s=max_age_s)
+        except sqlite3.DatabaseError as exc:
+            log.error("stored responses: %s is unreadable (%s); moving it aside and starting anew",
+                      path.name, exc)
+            for suffix in ("", "-wal", "-shm"):
+                old = path.with_name(path.name + suffix)
+                if old.exists():
+                    old.replace(old.with_name(old.name + ".corrupt"))
+            return cls(path, max_stored=max_stored, max_age_s=max_age_s)
 
     @property
     def enabled(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,12 @@ def test_replacing_a_record_does_not_count_twice(tmp_path: Path, max_stored: int
     for _ in range(5):
         store.put(record("resp_same", clock.t))
     assert store.count() == 1
+
+
+def test_a_corrupt_database_is_moved_aside(tmp_path: Path) -> None:
+    (tmp_path / DB_NAME).write_bytes(b"this is not a database" * 100)
+    store = ResponseStore.in_cache(tmp_path, max_stored=10, max_age_s=60)
+    store.put(record("resp_1", time.time()))
+    assert store.get("resp_1") is not None
+    assert (tmp_path / (DB_NAME + ".corrupt")).read_bytes().startswith(b"this is not")
+    store.close()
