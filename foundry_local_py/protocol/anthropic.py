@@ -325,7 +325,6 @@ class MessagesRequest(CountTokensRequest):
 class TextBlock(BaseModel):
     type: Literal["text"] = "text"
     text: str
-    citations: list[Any] | None = None
 
 
 class ToolUseBlock(BaseModel):
@@ -411,8 +410,6 @@ class MessageDelta(BaseModel):
 
 class MessageDeltaUsage(BaseModel):
     output_tokens: int
-    input_tokens: int | None = None
-    cache_read_input_tokens: int | None = None
 
 
 class MessageDeltaEvent(BaseModel):
@@ -427,3 +424,9 @@ class MessageStopEvent(BaseModel):
 
 class PingEvent(BaseModel):
     type: Literal["ping"] = "ping"
+
+
+StreamEvent = (
+    MessageStartEvent | ContentBlockStartEvent | ContentBlockDeltaEvent | ContentBlockStopEvent
+    | MessageDeltaEvent | MessageStopEvent | PingEvent
+)

@@ -505,25 +505,7 @@ class InputTokenCount(BaseModel):
 # Order for one response: created, in_progress, then per output item: output_item.added,
 # [content_part.added, output_text.delta*, output_text.done, content_part.done] or
 # [function_call_arguments.delta*, function_call_arguments.done], output_item.done; finally one of
-# completed / incomplete / failed (or ``error`` when the request fails before a response exists).
-
-STREAM_EVENT_TYPES = (
-    "response.created",
-    "response.in_progress",
-    "response.output_item.added",
-    "response.content_part.added",
-    "response.output_text.delta",
-    "response.output_text.done",
-    "response.content_part.done",
-    "response.function_call_arguments.delta",
-    "response.function_call_arguments.done",
-    "response.output_item.done",
-    "response.completed",
-    "response.incomplete",
-    "response.failed",
-    "error",
-)
-
+# completed / incomplete / failed (a failure before the stream starts is an HTTP error instead).
 
 class ResponseLifecycleEvent(BaseModel):
     """response.created / in_progress / completed / incomplete / failed."""
@@ -587,15 +569,7 @@ class FunctionCallArgumentsDoneEvent(BaseModel):
     arguments: str
 
 
-class ErrorEvent(BaseModel):
-    type: Literal["error"] = "error"
-    sequence_number: int
-    code: str | None = None
-    message: str
-    param: str | None = None
-
-
 StreamEvent = (
     ResponseLifecycleEvent | OutputItemEvent | ContentPartEvent | OutputTextDeltaEvent
-    | OutputTextDoneEvent | FunctionCallArgumentsDeltaEvent | FunctionCallArgumentsDoneEvent | ErrorEvent
+    | OutputTextDoneEvent | FunctionCallArgumentsDeltaEvent | FunctionCallArgumentsDoneEvent
 )

@@ -219,6 +219,20 @@ def test_counted_under_its_endpoint(base_url: str, http: httpx.Client) -> None:
     assert poll(lambda: count("200") == ok + 1 and count("400") == bad + 1, 5)
 
 
+def test_disconnect_is_499_and_frees_the_slot(base_url: str) -> None:
+    def count() -> float:
+        return scrape(base_url).get(P + "requests_total", model=SMOLLM, endpoint="/v1/messages",
+                                    status="499")
+
+    before = count()
+    story = [{"role": "user", "content": "Write a long story."}]
+    body = {"model": SMOLLM, "max_tokens": 2000, "messages": story}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base_url + "/v1/messages", json=body, timeout=httpx.Timeout(60, read=1.5))
+    assert poll(lambda: count() == before + 1
+                and scrape(base_url).get(P + "requests_running", model=SMOLLM) == 0, 5)
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
@@ -256,6 +270,8 @@ def test_missing_max_tokens_through_the_client(claude: anthropic.Anthropic) -> N
         ({"model": SMOLLM, "max_tokens": 5, "messages": USER, "tools": [WEATHER],
           "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
         ({"model": SMOLLM, "max_tokens": 5, "messages": USER, "temperature": 1.5}, "temperature"),
+        ({"model": SMOLLM, "max_tokens": 5, "messages": USER, "stop_sequences": ["a", "b", "c", "d", "e"]},
+         "stop_sequences"),
         ({"model": SMOLLM, "max_tokens": 5, "messages": USER, "thinking": {"type": "enabled",
                                                                            "budget_tokens": 1024}},
          "thinking"),

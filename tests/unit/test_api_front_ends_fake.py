@@ -156,3 +156,51 @@ def test_queue_timeout_is_overloaded_529_on_messages(tmp_path: Path, loader: Loa
         finally:
             stop.set()
             t.join(30)
+
+
+# --- the hot path: spliced delta frames equal the typed events -----------------------------------
+
+
+def _generation(gid: str) -> Any:
+    from foundry_local_py.engines.base import GenerationRequest
+    from foundry_local_py.generation import Generation, ValidRequest
+    from foundry_local_py.generation.prompt import NO_TOOLS
+
+    valid = ValidRequest(None, GenerationRequest(gid, [1, 2, 3], 16), NO_TOOLS)  # type: ignore[arg-type]
+    return Generation(gid, model=None, requests=[valid], handles=[])  # type: ignore[arg-type]
+
+
+TRICKY = ["Hello", ', "quoted" \\ back', "\n", "naïve ✓ 😀", "</tool_call>", "\x00"]
+
+
+def test_responses_delta_frames_equal_the_typed_event() -> None:
+    from foundry_local_py.protocol.responses import OutputTextDeltaEvent, ResponseCreateRequest
+    from foundry_local_py.scheduler.scheduler import TextEvent
+    from foundry_local_py.server.adapters.responses import ResponsesCall, ResponsesFrontEnd
+
+    call = ResponsesCall(wire=ResponseCreateRequest(model="m", input="hi"))
+    fe = ResponsesFrontEnd(call, _generation("resp-1"))
+    fe.stream_start()
+    first = fe.stream_text(0, TextEvent(TRICKY[0], 1, 0.0))
+    assert first is not None and first.endswith(fe._send(OutputTextDeltaEvent(
+        sequence_number=4, item_id=fe.msg_id, output_index=0, content_index=0, delta=TRICKY[0])))
+    for text in TRICKY[1:]:
+        seq = fe.seq
+        assert fe.stream_text(0, TextEvent(text, 1, 0.0)) == fe._send(OutputTextDeltaEvent(
+            sequence_number=seq, item_id=fe.msg_id, output_index=0, content_index=0, delta=text))
+
+
+def test_messages_delta_frames_equal_the_typed_event() -> None:
+    from foundry_local_py.protocol.anthropic import ContentBlockDeltaEvent, MessagesRequest, TextDelta
+    from foundry_local_py.scheduler.scheduler import TextEvent
+    from foundry_local_py.server.adapters.messages import MessagesFrontEnd
+
+    req = MessagesRequest.model_validate(MESSAGES)
+    fe = MessagesFrontEnd(req, _generation("msg-1"))
+    fe.stream_start()
+    first = fe.stream_text(0, TextEvent(TRICKY[0], 1, 0.0))
+    assert first is not None and first.endswith(
+        fe._send(ContentBlockDeltaEvent(index=0, delta=TextDelta(text=TRICKY[0]))))
+    for text in TRICKY[1:]:
+        assert fe.stream_text(0, TextEvent(text, 1, 0.0)) == fe._send(
+            ContentBlockDeltaEvent(index=0, delta=TextDelta(text=text)))

@@ -31,11 +31,24 @@ from ...engines.chat_format import ParsedToolCall, ToolSpec
 from ...errors import FoundryError, InvalidRequestError
 from ...generation import ChatPrompt, Generation, GenerationAsk, SamplingAsk
 from ...protocol.anthropic import (
+    ContentBlockDeltaEvent,
+    ContentBlockStartEvent,
+    ContentBlockStopEvent,
     CountTokensRequest,
+    InputJsonDelta,
     Message,
+    MessageDelta,
+    MessageDeltaEvent,
+    MessageDeltaUsage,
     MessagesRequest,
+    MessageStartEvent,
+    MessageStopEvent,
+    PingEvent,
+    StopReason,
+    StreamEvent,
     TextBlock,
     TextBlockParam,
+    TextDelta,
     ToolChoiceAny,
     ToolChoiceAuto,
     ToolChoiceNone,
@@ -160,9 +173,9 @@ class MessagesFrontEnd(FrontEnd[MessagesRequest]):
         self.text = ToolAwareText(gen.requests[0].tools, parallel=_parallel(req))
         self.block = -1  # index of the last content block started
         self.text_open = False
-        self.stop_reason = "end_turn"
+        self.stop_reason: StopReason = "end_turn"
         self.stop_sequence: str | None = None
-        self._delta_head = b""
+        self._delta_head = self._delta_tail = b""
 
     def _reason(self, event: FinishEvent | None, calls: list[ParsedToolCall]) -> None:
         if calls:
@@ -190,32 +203,32 @@ class MessagesFrontEnd(FrontEnd[MessagesRequest]):
         return Message(
             id=self.gen.id, content=content, model=self.req.model, stop_reason=self.stop_reason,
             stop_sequence=self.stop_sequence, usage=self._usage(outcome),
-        ).model_dump(mode="json", exclude_none=True)
+        ).model_dump(mode="json")
 
     # --- streaming --------------------------------------------------------------------------
 
     @staticmethod
-    def _event(kind: str, **fields: Any) -> bytes:
-        return frame(json.dumps({"type": kind, **fields}, ensure_ascii=False, separators=(",", ":")),
-                     event=kind)
+    def _send(event: StreamEvent) -> bytes:
+        data = event.model_dump(mode="json")
+        return frame(json.dumps(data, ensure_ascii=False, separators=(",", ":")), event=data["type"])
 
     def stream_start(self) -> list[bytes]:
         start = Message(id=self.gen.id, content=[], model=self.req.model,
                         usage=Usage(input_tokens=self.gen.prompt_tokens, output_tokens=0))
-        message = start.model_dump(mode="json")
-        return [self._event("message_start", message=message), self._event("ping")]
+        return [self._send(MessageStartEvent(message=start)), self._send(PingEvent())]
 
     def _open_text(self) -> bytes:
         self.block += 1
         self.text_open = True
-        self._delta_head = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
-                            + str(self.block).encode() + b',"delta":{"type":"text_delta","text":')
-        return self._event("content_block_start", index=self.block,
-                           content_block={"type": "text", "text": ""})
+        template = ContentBlockDeltaEvent(index=self.block, delta=TextDelta(text=""))
+        head, _, tail = self._send(template).partition(b'"text":""')
+        self._delta_head, self._delta_tail = head + b'"text":', tail
+        return self._send(ContentBlockStartEvent(index=self.block, content_block=TextBlock(text="")))
 
     def _text_delta(self, text: str) -> bytes:
-        """The hot path: a text delta event without building a model."""
-        return self._delta_head + json.dumps(text, ensure_ascii=False).encode() + b"}}\n\n"
+        """The hot path: a text delta spliced into its pre-serialised frame (equal to
+        ``_send(ContentBlockDeltaEvent(...))``; a unit test holds them together)."""
+        return self._delta_head + json.dumps(text, ensure_ascii=False).encode() + self._delta_tail
 
     def stream_text(self, index: int, event: TextEvent) -> bytes | None:
         shown = self.text.feed(event.text)
@@ -235,24 +248,21 @@ class MessagesFrontEnd(FrontEnd[MessagesRequest]):
             if rest:
                 out.append(self._text_delta(rest))
         if self.text_open:
-            out.append(self._event("content_block_stop", index=self.block))
+            out.append(self._send(ContentBlockStopEvent(index=self.block)))
         for c in calls:
             self.block += 1
-            block = {"type": "tool_use", "id": c.id, "name": c.name, "input": {}}
-            out.append(self._event("content_block_start", index=self.block, content_block=block))
-            out.append(self._event("content_block_delta", index=self.block,
-                                   delta={"type": "input_json_delta", "partial_json": c.arguments}))
-            out.append(self._event("content_block_stop", index=self.block))
+            block = ToolUseBlock(id=c.id, name=c.name, input={})
+            out.append(self._send(ContentBlockStartEvent(index=self.block, content_block=block)))
+            out.append(self._send(ContentBlockDeltaEvent(index=self.block,
+                                                         delta=InputJsonDelta(partial_json=c.arguments))))
+            out.append(self._send(ContentBlockStopEvent(index=self.block)))
         return out
 
     def stream_end(self, outcome: Outcome) -> list[bytes]:
         _prompt, completion, _cached = outcome.usage()
-        return [
-            self._event("message_delta", delta={"stop_reason": self.stop_reason,
-                                                "stop_sequence": self.stop_sequence},
-                        usage={"output_tokens": completion}),
-            self._event("message_stop"),
-        ]
+        delta = MessageDelta(stop_reason=self.stop_reason, stop_sequence=self.stop_sequence)
+        return [self._send(MessageDeltaEvent(delta=delta, usage=MessageDeltaUsage(output_tokens=completion))),
+                self._send(MessageStopEvent())]
 
     def stream_error(self, error: FoundryError, request_id: str) -> list[bytes]:
         _status, body = foundry_error_body(error, request_id, "anthropic")

@@ -30,8 +30,11 @@ from ...engines.chat_format import ParsedToolCall, ToolSpec
 from ...errors import FoundryError, InvalidRequestError, NotFoundError
 from ...generation import ChatPrompt, Generation, GenerationAsk, SamplingAsk
 from ...protocol.responses import (
+    ContentPartEvent,
     FormatJsonObject,
     FormatJsonSchema,
+    FunctionCallArgumentsDeltaEvent,
+    FunctionCallArgumentsDoneEvent,
     FunctionCallItem,
     FunctionCallOutputItem,
     FunctionTool,
@@ -40,15 +43,21 @@ from ...protocol.responses import (
     MessageItem,
     OutputFunctionCall,
     OutputItem,
+    OutputItemEvent,
     OutputMessage,
     OutputTextContent,
+    OutputTextDeltaEvent,
+    OutputTextDoneEvent,
     ResponseCreateRequest,
     ResponseError,
+    ResponseLifecycleEvent,
     ResponseObject,
     ResponseUsage,
+    StreamEvent,
     ToolChoiceFunction,
 )
 from ...scheduler.scheduler import FinishEvent, TextEvent
+from ..errors import client_message
 from ..response_store import ResponseStore, StoredResponse
 from ..serving import ChoiceOutcome, FrontEnd, Outcome, frame
 from .tool_text import ToolAwareText
@@ -206,7 +215,7 @@ class ResponsesFrontEnd(FrontEnd[ResponsesCall]):
         self.streamed: list[str] = []
         self.output: list[OutputItem] = []
         self.finish: FinishEvent | None = None
-        self._delta_head = b""
+        self._delta_head = self._delta_mid = self._delta_tail = b""
         self._final: ResponseObject | None = None
 
     # --- the response object ----------------------------------------------------------------
@@ -272,13 +281,25 @@ class ResponsesFrontEnd(FrontEnd[ResponsesCall]):
 
     # --- streaming --------------------------------------------------------------------------
 
-    def _event(self, kind: str, **fields: Any) -> bytes:
-        data = {"type": kind, "sequence_number": self.seq, **fields}
-        self.seq += 1
-        return frame(json.dumps(data, ensure_ascii=False, separators=(",", ":")), event=kind)
+    def _next(self) -> int:
+        seq, self.seq = self.seq, self.seq + 1
+        return seq
 
-    def _lifecycle(self, kind: str, response: ResponseObject) -> bytes:
-        return self._event(kind, response=response.model_dump(mode="json"))
+    @staticmethod
+    def _send(event: StreamEvent) -> bytes:
+        data = event.model_dump(mode="json")
+        return frame(json.dumps(data, ensure_ascii=False, separators=(",", ":")), event=data["type"])
+
+    def _lifecycle(self, kind: Any, response: ResponseObject) -> bytes:
+        return self._send(ResponseLifecycleEvent(type=kind, sequence_number=self._next(), response=response))
+
+    def _item(self, kind: Any, index: int, item: OutputItem) -> bytes:
+        return self._send(OutputItemEvent(type=kind, sequence_number=self._next(), output_index=index,
+                                          item=item))
+
+    def _part(self, kind: Any, part: OutputTextContent) -> bytes:
+        return self._send(ContentPartEvent(type=kind, sequence_number=self._next(), item_id=self.msg_id,
+                                           output_index=0, content_index=0, part=part))
 
     def stream_start(self) -> list[bytes]:
         started = self.response("in_progress")
@@ -287,24 +308,24 @@ class ResponsesFrontEnd(FrontEnd[ResponsesCall]):
 
     def _open_message(self) -> list[bytes]:
         self.msg_open = True
-        item = OutputMessage(id=self.msg_id, status="in_progress", content=[])
-        part = OutputTextContent(text="")
-        self._delta_head = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-                            b'"sequence_number":')
-        self._delta_mid = (',"item_id":' + json.dumps(self.msg_id) + ',"output_index":0,"content_index":0,'
-                           '"logprobs":[],"delta":').encode()
+        template = OutputTextDeltaEvent(sequence_number=0, item_id=self.msg_id, output_index=0,
+                                        content_index=0, delta="")
+        head, _, tail = self._send(template).partition(b'"sequence_number":0')
+        self._delta_head = head + b'"sequence_number":'
+        before_delta, _, after_delta = tail.partition(b'"delta":""')
+        self._delta_mid, self._delta_tail = before_delta + b'"delta":', after_delta
         return [
-            self._event("response.output_item.added", output_index=0, item=item.model_dump(mode="json")),
-            self._event("response.content_part.added", item_id=self.msg_id, output_index=0, content_index=0,
-                        part=part.model_dump(mode="json")),
+            self._item("response.output_item.added", 0,
+                       OutputMessage(id=self.msg_id, status="in_progress", content=[])),
+            self._part("response.content_part.added", OutputTextContent(text="")),
         ]
 
     def _delta(self, text: str) -> bytes:
-        """The hot path: a text delta event without building a model."""
+        """The hot path: a text delta event spliced into its pre-serialised frame (equal to
+        ``_send(OutputTextDeltaEvent(...))``; a unit test holds them together)."""
         self.streamed.append(text)
-        seq, self.seq = self.seq, self.seq + 1
-        return (self._delta_head + str(seq).encode() + self._delta_mid
-                + json.dumps(text, ensure_ascii=False).encode() + b"}\n\n")
+        return (self._delta_head + str(self._next()).encode() + self._delta_mid
+                + json.dumps(text, ensure_ascii=False).encode() + self._delta_tail)
 
     def stream_text(self, index: int, event: TextEvent) -> bytes | None:
         shown = self.text.feed(event.text)
@@ -327,26 +348,23 @@ class ResponsesFrontEnd(FrontEnd[ResponsesCall]):
             text = "".join(self.streamed)
             part = OutputTextContent(text=text)
             message = OutputMessage(id=self.msg_id, status=status, content=[part])
-            out.append(self._event("response.output_text.done", item_id=self.msg_id, output_index=0,
-                                   content_index=0, text=text, logprobs=[]))
-            out.append(self._event("response.content_part.done", item_id=self.msg_id, output_index=0,
-                                   content_index=0, part=part.model_dump(mode="json")))
-            out.append(self._event("response.output_item.done", output_index=0,
-                                   item=message.model_dump(mode="json")))
+            out.append(self._send(OutputTextDoneEvent(sequence_number=self._next(), item_id=self.msg_id,
+                                                      output_index=0, content_index=0, text=text)))
+            out.append(self._part("response.content_part.done", part))
+            out.append(self._item("response.output_item.done", 0, message))
             self.output.append(message)
         for c in calls:
             i = len(self.output)
             fc = OutputFunctionCall(id=item_id("fc"), call_id=c.id, name=c.name, arguments="",
                                     status="in_progress")
-            out.append(self._event("response.output_item.added", output_index=i,
-                                   item=fc.model_dump(mode="json")))
-            out.append(self._event("response.function_call_arguments.delta", item_id=fc.id, output_index=i,
-                                   delta=c.arguments))
-            out.append(self._event("response.function_call_arguments.done", item_id=fc.id, output_index=i,
-                                   name=c.name, arguments=c.arguments))
+            out.append(self._item("response.output_item.added", i, fc))
+            out.append(self._send(FunctionCallArgumentsDeltaEvent(
+                sequence_number=self._next(), item_id=fc.id, output_index=i, delta=c.arguments)))
+            out.append(self._send(FunctionCallArgumentsDoneEvent(
+                sequence_number=self._next(), item_id=fc.id, output_index=i, name=c.name,
+                arguments=c.arguments)))
             done = fc.model_copy(update={"arguments": c.arguments, "status": "completed"})
-            out.append(self._event("response.output_item.done", output_index=i,
-                                   item=done.model_dump(mode="json")))
+            out.append(self._item("response.output_item.done", i, done))
             self.output.append(done)
         return out
 
@@ -356,8 +374,8 @@ class ResponsesFrontEnd(FrontEnd[ResponsesCall]):
         return [self._lifecycle(kind, final)]
 
     def stream_error(self, error: FoundryError, request_id: str) -> list[bytes]:
-        message = error.message if error.status < 500 else f"{error.message} (request id {request_id})"
-        failed = self.response("failed", error=ResponseError(code=error.code or error.type, message=message))
+        failed = self.response("failed", error=ResponseError(code=error.code or error.type,
+                                                             message=client_message(error, request_id)))
         return [self._lifecycle("response.failed", failed)]
 
 
