@@ -387,6 +387,15 @@ def test_agents_sdk_tool_loop(base_url: str) -> None:
     assert "22 degrees" in str(outputs[0].output)
 
 
+def test_models_list_the_routes_each_model_answers(http: httpx.Client) -> None:
+    cards = {c["id"]: c for c in http.get("/v1/models").json()["data"]}
+    assert cards[SMOLLM]["endpoints"] == ["/v1/chat/completions", "/v1/completions", "/v1/responses",
+                                          "/v1/messages", "/v1/embeddings"]
+    assert http.get(f"/v1/models/{SMOLLM}").json()["endpoints"] == cards[SMOLLM]["endpoints"]
+    for card in cards.values():
+        assert ("/v1/responses" in card["endpoints"]) == ("/v1/chat/completions" in card["endpoints"])
+
+
 # --- metrics ------------------------------------------------------------------------------------
 
 
