@@ -219,6 +219,26 @@ def test_counted_under_its_endpoint(base_url: str, http: httpx.Client) -> None:
     assert poll(lambda: count("200") == ok + 1 and count("400") == bad + 1, 5)
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "nobody", "is_error": True,
+                                       "content": [{"type": "text", "text": "boom"}]}]}],
+        [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t"},
+                                      {"type": "text", "text": "?"}]}],
+        [{"role": "user", "content": ""}],
+        [{"role": "assistant",
+          "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"a": [1]}}]},
+         {"role": "user", "content": "and?"}],
+    ],
+)
+def test_odd_but_valid_messages_are_served(http: httpx.Client, messages: list[dict[str, Any]]) -> None:
+    r = http.post("/v1/messages", json={"model": SMOLLM, "max_tokens": 2, "messages": messages})
+    assert r.status_code == 200, r.text
+    counted = http.post("/v1/messages/count_tokens", json={"model": SMOLLM, "messages": messages})
+    assert counted.json()["input_tokens"] == r.json()["usage"]["input_tokens"]
+
+
 def test_disconnect_is_499_and_frees_the_slot(base_url: str) -> None:
     def count() -> float:
         return scrape(base_url).get(P + "requests_total", model=SMOLLM, endpoint="/v1/messages",

@@ -474,6 +474,24 @@ def test_bad_input_is_a_400_naming_the_field(
         assert "input_image" in err["message"] and "text-only" in err["message"]
 
 
+@pytest.mark.parametrize(
+    "items",
+    [
+        [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "not json"},
+         {"type": "function_call_output", "call_id": "c1", "output": "done"}],
+        [{"type": "function_call_output", "call_id": "nobody-called", "output": [{"type": "input_text",
+                                                                                  "text": "orphan"}]}],
+        [{"role": "developer", "content": "Be brief."},
+         {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+         {"role": "user", "content": [{"type": "output_text", "text": "odd part", "annotations": []}]}],
+        [{"role": "user", "content": []}],
+    ],
+)
+def test_odd_but_valid_items_are_served(http: httpx.Client, items: list[dict[str, Any]]) -> None:
+    r = http.post("/v1/responses", json={"model": SMOLLM, "input": items, "max_output_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
 def test_unknown_ids_and_models(http: httpx.Client) -> None:
     assert_openai_error(http.get("/v1/responses/resp-nope"), 404, code="not_found")
     assert_openai_error(http.get("/v1/responses/resp-nope/input_items"), 404, code="not_found")
