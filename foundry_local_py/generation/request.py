@@ -72,6 +72,10 @@ class GenerationAsk:
     prompt: Prompt
     max_tokens: int | None = None
     """Completion budget; None: up to the context."""
+    cap_to_context: bool = False
+    """When prompt + max_tokens exceeds the context: False refuses it (a 400, OpenAI's rule);
+    True generates up to the context instead (Anthropic's rule for its newer models, which then
+    stop with ``model_context_window_exceeded``)."""
     sampling: SamplingAsk = field(default_factory=SamplingAsk)
     logprobs: int | None = None
     """None: no logprobs; 0: the chosen token's; k: plus the k most likely."""

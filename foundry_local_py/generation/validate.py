@@ -13,7 +13,8 @@ Every rule lives here, once, for every front-end:
 
 The context rule: a prompt of ``n_ctx`` tokens or more is a 400 ``context_length_exceeded``
 quoting both counts; when the client sets ``max_tokens`` and prompt + max_tokens exceeds the
-context, that is a 400 too (OpenAI's behaviour); without ``max_tokens`` a request may generate
+context, that is a 400 too (OpenAI's behaviour) unless the ask says ``cap_to_context`` (then
+the budget is what the context leaves: Anthropic's); without ``max_tokens`` a request may generate
 up to the context and then finishes with ``length``.
 """
 
@@ -95,6 +96,8 @@ def completion_budget(ask: GenerationAsk, n_prompt: int, n_ctx: int) -> int:
             param=ask.param("prompt"),
         )
     requested = ask.max_tokens
+    if requested is not None and n_prompt + requested > n_ctx and ask.cap_to_context:
+        return n_ctx - n_prompt
     if requested is not None and n_prompt + requested > n_ctx:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {n_ctx} tokens. However, you requested "

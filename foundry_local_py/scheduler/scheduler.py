@@ -59,6 +59,8 @@ class FinishEvent:
     t: float
     cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
+    stop_sequence: str | None = None
+    """The stop string that ended the text, when one did."""
 
 
 @dataclass
@@ -151,7 +153,8 @@ class _Sequence:
 
     def finish_event(self, reason: Literal["stop", "length", "cancelled"], t: float) -> FinishEvent:
         return FinishEvent(reason, len(self.handle.request.prompt_tokens),
-                           self.processor.completion_tokens, t, self.cached_tokens)
+                           self.processor.completion_tokens, t, self.cached_tokens,
+                           self.processor.stop_sequence)
 
 
 class Scheduler:

@@ -3,9 +3,14 @@
 - a request id on every request (``X-Request-Id``; quoted in 5xx bodies);
 - Host header allowlist (DNS-rebinding guard; IP literals always pass);
 - optional API key on every route except exactly ``GET /health``, whatever the path spelling
-  (``//v1/...`` is not ``/health`` and so needs the key), compared in constant time;
+  (``//v1/...`` is not ``/health`` and so needs the key), compared in constant time; sent as
+  ``Authorization: Bearer <key>`` (OpenAI's clients) or ``x-api-key: <key>`` (Anthropic's);
 - a request-body limit: 413 before parsing, from Content-Length or while reading;
 - a header limit (total bytes and count): 431, whatever the HTTP parser itself allows.
+
+Refusals are rendered by server/errors.py in the route's error shape (Anthropic's on
+``/v1/messages*``, where the request id also goes out as ``request-id``, the header Anthropic's
+clients read).
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import secrets
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
+from .errors import ErrorStyle, error_body, error_style
 
 PUBLIC_PATHS = frozenset({"/health"})
 
 
-def _error(status: int, message: str, type_: str, code: str, extra_headers: list[tuple[bytes, bytes]]
-           ) -> tuple[dict[str, object], bytes]:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+def _error(status: int, message: str, type_: str, code: str, *, extra_headers: list[tuple[bytes, bytes]],
+           style: ErrorStyle) -> tuple[dict[str, object], bytes]:
+    status, payload = error_body(status, message, type_=type_, code=code, style=style)
+    body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *extra_headers]
     return {"type": "http.response.start", "status": status, "headers": headers}, body
@@ -63,57 +70,70 @@ class GuardMiddleware:
             return
         request_id = "req_" + secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
-        rid_header = (b"x-request-id", request_id.encode())
+        style = error_style(scope["path"])
+        rid_headers = [(b"x-request-id", request_id.encode())]
+        if style == "anthropic":
+            rid_headers.append((b"request-id", request_id.encode()))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), rid_header]}
+                message = {**message, "headers": [*message.get("headers", []), *rid_headers]}
             await send(message)
+
+        async def reject(status: int, message: str, type_: str, code: str, *,
+                         extra: list[tuple[bytes, bytes]] | None = None) -> None:
+            start, body = _error(status, message, type_, code, extra_headers=extra or [], style=style)
+            await send_with_id(start)
+            await send_with_id({"type": "http.response.body", "body": body, "more_body": False})
 
         raw_headers = scope.get("headers", [])
         if len(raw_headers) > self.max_header_count or sum(
             len(k) + len(v) for k, v in raw_headers
         ) > self.max_header_bytes:
-            await self._reject(send_with_id, 431, "Request header fields too large.",
-                               "invalid_request_error", "headers_too_large")
+            await reject(431, "Request header fields too large.", "invalid_request_error",
+                         "headers_too_large")
             return
         headers = {k.lower(): v for k, v in raw_headers}
         host = headers.get(b"host", b"").decode("latin-1")
         if host and not _host_allowed(host, self.allowed_hosts):
-            await self._reject(send_with_id, 400, "Invalid Host header.", "invalid_request_error",
-                               "invalid_host")
+            await reject(400, "Invalid Host header.", "invalid_request_error", "invalid_host")
             return
         if self.api_key is not None and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
-            await self._reject(send_with_id, 401, "Incorrect or missing API key. Send 'Authorization: "
-                               "Bearer <key>'.", "authentication_error", "invalid_api_key",
-                               extra=[(b"www-authenticate", b"Bearer")])
+            await reject(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>' "
+                         "or 'x-api-key: <key>'.", "authentication_error", "invalid_api_key",
+                         extra=[(b"www-authenticate", b"Bearer")])
             return
         length = headers.get(b"content-length")
+        too_large = f"Request body too large (limit {self.max_body} bytes)."
         if length is not None:
             try:
                 too_big = int(length) > self.max_body
             except ValueError:
-                await self._reject(send_with_id, 400, "Invalid Content-Length.", "invalid_request_error",
-                                   "invalid_request")
+                await reject(400, "Invalid Content-Length.", "invalid_request_error", "invalid_request")
                 return
             if too_big:
-                await self._reject_too_large(send_with_id)
+                await reject(413, too_large, "invalid_request_error", "request_too_large")
                 return
         if scope["method"] in ("POST", "PUT", "PATCH"):
             body, more = await self._read_body(receive)
             if more:
-                await self._reject_too_large(send_with_id)
+                await reject(413, too_large, "invalid_request_error", "request_too_large")
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, send_with_id)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        """``Authorization: Bearer <key>`` or ``x-api-key: <key>``; either, compared in constant time."""
         assert self.api_key is not None
-        auth = headers.get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        return hmac.compare_digest(token.strip(), self.api_key)
+        ok = False
+        auth = headers.get(b"authorization")
+        if auth is not None:
+            scheme, _, token = auth.partition(b" ")
+            ok = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        x_key = headers.get(b"x-api-key")
+        if x_key is not None:
+            ok = hmac.compare_digest(x_key.strip(), self.api_key) or ok
+        return ok
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
         """Read the body up to the limit; ``more`` is True when it is larger."""
@@ -130,17 +150,6 @@ class GuardMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), False
-
-    async def _reject_too_large(self, send: Send) -> None:
-        await self._reject(send, 413, f"Request body too large (limit {self.max_body} bytes).",
-                           "invalid_request_error", "request_too_large")
-
-    @staticmethod
-    async def _reject(send: Send, status: int, message: str, type_: str, code: str, *,
-                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        start, body = _error(status, message, type_, code, extra or [])
-        await send(start)
-        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -95,6 +95,12 @@ class FrontEnd(ABC, Generic[W]):
         self.created = int(time.time())
 
     @classmethod
+    async def prepare(cls, req: Any) -> W:
+        """Async work between parsing and :meth:`asks` (e.g. reading stored state the request
+        refers to); returns what the front-end works on (by default the parsed request)."""
+        return req
+
+    @classmethod
     @abstractmethod
     def asks(cls, req: W, settings: Settings) -> list[GenerationAsk]:
         """The generation asks for ``req``; raise InvalidRequestError for what this API refuses."""
@@ -219,7 +225,7 @@ class ServingCore:
     async def handle(self, raw: Request, api: type[FrontEnd[Any]]) -> Response:
         recorder = self.recorder(raw, api.endpoint)
         try:
-            req = await parse_body(raw, api.request_type)
+            req = await api.prepare(await parse_body(raw, api.request_type))
             asks = api.asks(req, self.settings)
             model = await self.generator.resolve(asks)
             recorder.bind(model.alias)
@@ -284,9 +290,12 @@ class ServingCore:
                         yield chunk
                     return
             outcome = Outcome(choices)
-            for chunk in fe.stream_end(outcome):
-                yield chunk
+            tail = fe.stream_end(outcome)
+            # Before the last event goes out: a client that reads it and at once refers to what
+            # completed() stored (a stored response's id) must find it.
             await fe.completed(outcome)
+            for chunk in tail:
+                yield chunk
             status = "200"
         except Exception:
             status = "500"

@@ -15,8 +15,10 @@ from ..config import Settings
 from ..engines.base import Engine
 from ..generation import Generator
 from ..hardware import HardwareInventory, detect_hardware
+from .adapters.responses import ResponsesFrontEnd
 from .metrics import Metrics
 from .model_manager import ModelManager
+from .response_store import ResponseStore
 from .serving import ServingCore
 
 CACHE_SIZE_TTL_S = 30.0
@@ -33,6 +35,10 @@ class Core:
     generator: Generator
     serving: ServingCore
     inventory: HardwareInventory
+    responses: ResponseStore
+    """Stored responses of the Responses API (SQLite in the cache folder)."""
+    responses_api: type[ResponsesFrontEnd]
+    """The Responses front-end, bound to that store."""
     preload_error: str | None = None
     preloading: bool = False
     base_url: str = field(default="")
@@ -54,9 +60,11 @@ def build_core(settings: Settings, *, engine_loader: EngineLoader | None = None)
     manager = ModelManager(settings, catalog, store, metrics, inventory,
                            **({"engine_loader": engine_loader} if engine_loader else {}))
     generator = Generator(manager, settings)
+    responses = ResponseStore.in_cache(settings.cache_dir, max_stored=settings.responses_max_stored,
+                                       max_age_s=settings.responses_max_age_s)
     core = Core(settings, catalog, store, metrics, manager, generator,
-                ServingCore(settings, generator, metrics), inventory,
-                base_url=f"http://{settings.host}:{settings.port}")
+                ServingCore(settings, generator, metrics), inventory, responses,
+                ResponsesFrontEnd.bind(responses), base_url=f"http://{settings.host}:{settings.port}")
     metrics.attach_state(manager.states, core.cache_size)
     return core
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ...engines.backends import backend_for
 from ...errors import ModelNotFoundError
 from ...generation import prompt_tokens, tool_plan
 from ...protocol.chat import ChatCompletionRequest
@@ -40,6 +41,15 @@ async def embeddings(request: Request) -> Response:
     return await create_embeddings(get_core(request).serving, request)
 
 
+CHAT_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+
+
+def _endpoints(task: str, embeddings: bool) -> list[str]:
+    """The routes a model of this catalog task answers (its engine's capabilities add embeddings)."""
+    routes = {"chat-completion": list(CHAT_ENDPOINTS), "text-completion": ["/v1/completions"]}.get(task, [])
+    return [*routes, *(["/v1/embeddings"] if embeddings or task == "embeddings" else [])]
+
+
 def model_cards(core: Core) -> list[ModelCard]:
     cards = []
     loaded = {lm.alias: lm for lm in core.manager.loaded()}
@@ -54,6 +64,8 @@ def model_cards(core: Core) -> list[ModelCard]:
             variant=variant.id, engine=lm.engine.info.engine if lm else None,
             device=lm.engine.info.device if lm else variant.device,
             context_length=lm.engine.info.n_ctx if lm else model.context_length,
+            endpoints=_endpoints(model.task, (lm.engine.info.capabilities if lm else
+                                              backend_for(variant.format).capabilities).embeddings),
         ))
     return cards
 
