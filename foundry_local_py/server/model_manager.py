@@ -21,6 +21,7 @@ import anyio
 import psutil
 
 from ..cache.catalog import Catalog, CatalogModel, Variant
+from ..cache.hub import ensure_hub_model, is_hub_name
 from ..cache.store import ModelStore
 from ..config import Settings, auto_parallel
 from ..engines.base import Engine
@@ -164,7 +165,10 @@ class ModelManager:
     async def load(
         self, name: str, *, ep: str | None = None, ttl: float | None = None, pinned: bool = False
     ) -> LoadedModel:
-        model, fixed = self.catalog.lookup(name)
+        if is_hub_name(name):  # hf.co/...: resolved on the hub or from the user catalog, off the loop
+            model, fixed = await asyncio.to_thread(ensure_hub_model, self.store.root, self.catalog, name)
+        else:
+            model, fixed = self.catalog.lookup(name)
         choice = self.choose(model, ep=ep, requested=fixed.id if fixed else None)
         variant = choice.require()
         if variant.id in self._loaded:

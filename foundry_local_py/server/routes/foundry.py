@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...cache.acquire import ensure_variant
 from ...cache.catalog import CatalogModel, Variant
+from ...cache.hub import ensure_hub_model
 from ...cache.progress import Progress
 from ...errors import FoundryError, InvalidRequestError
 from ...hardware import choose_for_cache, hardware_report, refresh_memory
@@ -145,7 +146,8 @@ async def download(request: Request) -> StreamingResponse:
         raise InvalidRequestError("the body must name a model: {\"model\": {\"Name\": ...}}", param="model")
     force = bool(body.get("force", False)) if isinstance(body, dict) else False
     token = body.get("token") if isinstance(body, dict) and isinstance(body.get("token"), str) else None
-    model, fixed = core.catalog.lookup(name)
+    # hf.co/<owner>/<repo>[:<quant>] names are resolved on the hub (a listing: off the loop).
+    model, fixed = await asyncio.to_thread(ensure_hub_model, core.store.root, core.catalog, name, token=token)
     variant = fixed or choose_for_cache(
         model, core.inventory, core.store, device=core.settings.device, ep=core.settings.ep,
         prefer_cached=False,
