@@ -90,7 +90,8 @@ class FoundryLocalManager:
 
     def _available_eps(self) -> set[str]:
         inv = self._core.inventory
-        found = {"CPUExecutionProvider", *inv.onnxruntime.providers}
+        # Azure's provider is a remote-call shim, not a device: Foundry Local does not list it.
+        found = {"CPUExecutionProvider", *inv.onnxruntime.providers} - {"AzureExecutionProvider"}
         if inv.llama_cpp.gpu_offload and inv.nvidia_gpus:
             found.add("CUDAExecutionProvider")
         return found

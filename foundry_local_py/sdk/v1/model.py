@@ -188,6 +188,8 @@ class ModelVariant:
         m = self._manager
         try:
             ensure_variant(m._store, m._catalog, self._model, self._variant, progress=report)
+            if progress_callback is not None and last[0] < 100.0:
+                progress_callback(100.0)  # cached already (or shipped in a wheel): done
         except _Cancelled:
             raise FoundryLocalException("Failed to download model: cancelled") from None
         except FoundryError as exc:

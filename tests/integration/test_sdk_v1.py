@@ -1,0 +1,198 @@
+"""Foundry Local's 1.x SDK shape, in-process: catalog, models, download progress, load/unload,
+the web service sharing the loaded model, execution providers; and both SDK shapes in one
+process sharing one cache."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from foundry_local_py.sdk.v1 import Configuration, FoundryLocalException, FoundryLocalManager
+from tests.support.fake_hub import FakeHub
+from tests.support.hub_catalog import SMOL_FILE, SMOL_REPO, smol_gguf_path, write_user_catalog
+from tests.support.serving import free_port
+
+SMOL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[FakeHub]:
+    with FakeHub() as server:
+        server.add_file(SMOL_REPO, SMOL_FILE, smol_gguf_path())
+        yield server
+
+
+@pytest.fixture
+def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> Iterator[FoundryLocalManager]:
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    hub.reset()
+    FoundryLocalManager.initialize(Configuration(
+        app_name="tests", model_cache_dir=str(tmp_path / "cache"),
+        additional_settings={"n_threads": "1", "parallel": "4"}))
+    m = FoundryLocalManager.instance
+    assert m is not None
+    yield m
+    m.close()
+    assert FoundryLocalManager.instance is None
+
+
+def test_configuration_is_checked():
+    with pytest.raises(FoundryLocalException, match="invalid characters"):
+        Configuration(app_name="bad/name").validate()
+    with pytest.raises(FoundryLocalException, match="unknown additional_settings: nope"):
+        Configuration(app_name="a", additional_settings={"nope": "1"}).to_settings()
+    web = Configuration.WebService(urls="http://127.0.0.1:5999;http://localhost:6000")
+    assert Configuration(app_name="a", web=web).bind_address() == ("127.0.0.1", 5999)
+
+
+def test_catalog_and_model_surface(manager: FoundryLocalManager):
+    with pytest.raises(FoundryLocalException, match="singleton"):
+        FoundryLocalManager.initialize(Configuration(app_name="again"))
+    catalog = manager.catalog
+    assert SMOL in {m.alias for m in catalog.list_models()}
+    assert catalog.get_model("no-such-model") is None and catalog.get_model("  ") is None
+    model = catalog.get_model(SMOL)
+    assert model is not None and model is catalog.get_model(SMOL)  # one object per alias
+    assert model.id == "smollm2-135m-instruct-q4_1-gguf-cpu:1"  # this machine's choice: the GGUF
+    assert (model.context_length, model.supports_tool_calling) == (8192, True)
+    assert model.info.runtime.device_type == "CPU" and model.info.model_type == "GGUF"
+    assert len(model.variants) > 1 and model.is_cached
+    onnx = next(v for v in model.variants if "int8-onnx" in v.id)
+    model.select_variant(onnx)
+    assert model.id == onnx.id and not model.is_cached
+    model.select_variant(model.variants[0])
+    with pytest.raises(FoundryLocalException):
+        model.variants[0].select_variant(onnx)
+    variant = catalog.get_model_variant(model.id)
+    assert variant is not None and variant.variants == [variant]
+    assert catalog.get_model_variant("nope:1") is None
+    assert model.id in {v.id for v in catalog.get_cached_models()}
+
+    seen: list[float] = []
+    model.download(seen.append)
+    assert seen[-1] == 100.0  # shipped in a wheel: done at once, still reported
+    assert not model.is_loaded and catalog.get_loaded_models() == []
+    model.load()
+    assert model.is_loaded and [v.id for v in catalog.get_loaded_models()] == [model.id]
+    assert Path(model.get_path()).name == SMOL_FILE
+    model.unload()
+    assert not model.is_loaded
+    with pytest.raises(FoundryLocalException, match="audio"):
+        model.get_audio_client()
+
+
+def test_execution_providers_are_reported_through_the_callback(manager: FoundryLocalManager):
+    calls: list[tuple[str, float]] = []
+    result = manager.download_and_register_eps(progress_callback=lambda n, p: calls.append((n, p)))
+    assert result.success and "CPUExecutionProvider" in result.registered_eps
+    assert ("CPUExecutionProvider", 100.0) in calls
+    assert all(0.0 <= p <= 100.0 for _, p in calls)
+    eps = {e.name: e.is_registered for e in manager.discover_eps()}
+    assert eps["CPUExecutionProvider"] is True
+    result = manager.download_and_register_eps(["CPUExecutionProvider", "QNNExecutionProvider"])
+    assert not result.success and result.failed_eps == ["QNNExecutionProvider"]
+
+
+def test_hub_download_reports_percentages_and_can_be_cancelled(manager: FoundryLocalManager, hub: FakeHub):
+    model = manager.catalog.get_model(f"hf.co/{SMOL_REPO}")
+    assert model is not None and model.alias == f"hf.co/{SMOL_REPO}" and not model.is_cached
+    stop = threading.Event()
+    hub.faults.rate_bytes_per_s = 40e6
+
+    def cancel_at_10(pct: float) -> None:
+        if pct > 10:
+            stop.set()
+
+    with pytest.raises(FoundryLocalException, match="cancelled"):
+        model.download(cancel_at_10, cancel_event=stop)
+    assert not model.is_cached
+    hub.faults.rate_bytes_per_s = None
+    seen: list[float] = []
+    model.download(seen.append)
+    assert model.is_cached and seen[-1] == 100.0
+    assert seen == sorted(seen) and seen[0] > 10  # resumed, not restarted
+    assert len(seen) > 5
+    assert model.context_length == 8192  # read from the downloaded file
+    model.remove_from_cache()
+    assert not model.is_cached
+
+
+def test_web_service_serves_the_model_loaded_in_process(manager: FoundryLocalManager):
+    model = manager.catalog.get_model(SMOL)
+    assert model is not None
+    model.load()
+    manager.start_web_service()
+    assert manager.urls and manager.urls[0].startswith("http://127.0.0.1:")
+    client = openai.OpenAI(base_url=manager.urls[0] + "/v1", api_key="none", max_retries=0)
+    reply = client.chat.completions.create(model=model.id, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "Say hi"}])
+    assert reply.choices[0].message.content
+    loaded = httpx.get(manager.urls[0] + "/openai/loadedmodels", timeout=10).json()
+    assert [m["name"] for m in loaded] == [model.id]  # the same model, not a second copy
+    url = manager.urls[0]
+    manager.stop_web_service()
+    assert manager.urls is None
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=5)
+    with pytest.raises(FoundryLocalException, match="not running"):
+        manager.stop_web_service()
+
+
+@pytest.mark.slow
+def test_both_sdk_shapes_in_one_process_share_the_cache(tmp_path: Path, hub: FakeHub,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """The first shape's service (another process) and the in-process runtime download the same
+    model into one cache at the same time: the cross-process lock makes one wait, both succeed,
+    and one verified copy is left; both then answer with it."""
+    from foundry_local_py import FoundryLocalManager as ServiceManager
+    from foundry_local_py.config import Settings
+
+    cache = tmp_path / "shared"
+    write_user_catalog(cache)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    hub.reset()
+    hub.faults.rate_bytes_per_s = 60e6  # ~1.6 s per copy: the two downloads overlap
+    legacy = ServiceManager(settings=Settings(cache_dir=cache, port=free_port(), n_threads=1, preload=False),
+                            timeout=120)
+    FoundryLocalManager.initialize(Configuration(app_name="both", model_cache_dir=str(cache),
+                                                 additional_settings={"n_threads": "1"}))
+    v1 = FoundryLocalManager.instance
+    assert v1 is not None
+    try:
+        errors: list[BaseException] = []
+
+        def legacy_pull() -> None:
+            try:
+                legacy.download_model("smol-hub")
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=legacy_pull)
+        t.start()
+        model = v1.catalog.get_model("smol-hub")
+        assert model is not None
+        model.download()
+        t.join(120)
+        assert not errors, errors
+        gets = hub.gets(SMOL_FILE)
+        assert sum(g.sent for g in gets) < 2 * 98_362_432  # one copy fetched, not two
+        assert model.is_cached
+        model.load()
+        info = legacy.load_model("smol-hub")
+        assert info is not None
+        client = openai.OpenAI(base_url=legacy.endpoint, api_key=legacy.api_key, max_retries=0)
+        reply = client.chat.completions.create(model=model.id, max_tokens=4,
+                                               messages=[{"role": "user", "content": "Hi"}])
+        assert reply.choices[0].message.content is not None
+    finally:
+        v1.close()
+        from foundry_local_py.sdk.service import stop_service
+
+        stop_service(legacy.settings)
