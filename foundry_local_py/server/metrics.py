@@ -103,6 +103,13 @@ class Metrics:
         self.download_bytes = Counter(
             f"{PREFIX}_download_bytes", "Bytes downloaded from model hubs.", ["model"], registry=r
         )
+        self.model_load_failures = Counter(
+            f"{PREFIX}_model_load_failures", "Variants that failed to load.", ["model"], registry=r
+        )
+        self.internal_errors = Counter(
+            f"{PREFIX}_internal_errors",
+            "Unexpected exceptions caught (and survived) by background tasks.", ["component"], registry=r
+        )
         self.provider_fallbacks = Counter(
             f"{PREFIX}_provider_fallbacks",
             "Times a variant failed to initialise and the next one was used.",
