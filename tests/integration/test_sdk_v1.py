@@ -196,3 +196,143 @@ def test_both_sdk_shapes_in_one_process_share_the_cache(tmp_path: Path, hub: Fak
         from foundry_local_py.sdk.service import stop_service
 
         stop_service(legacy.settings)
+
+
+def _loaded_smol(manager: FoundryLocalManager):
+    model = manager.catalog.get_model(SMOL)
+    assert model is not None
+    model.load()
+    return model
+
+
+def test_chat_client_in_process(manager: FoundryLocalManager):
+    model = _loaded_smol(manager)
+    client = model.get_chat_client()
+    client.settings.max_tokens = 12
+    client.settings.temperature = 0.0
+    messages = [{"role": "user", "content": "Name three colors."}]
+    reply = client.complete_chat(messages)
+    text = reply.choices[0].message.content
+    assert text and reply.usage is not None and reply.usage.completion_tokens <= 12
+    assert reply.model == model.id and reply.id.startswith("chatcmpl-")
+    chunks = list(client.complete_streaming_chat(messages))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text  # the same tokens either way (temperature 0)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # Foundry's settings names: random_seed, top_k; and its tool_choice / json_schema shapes
+    client.settings.random_seed, client.settings.top_k, client.settings.temperature = 7, 5, 0.9
+    a = client.complete_chat(messages).choices[0].message.content
+    assert a == client.complete_chat(messages).choices[0].message.content
+    client.settings = type(client.settings)(max_tokens=40, response_format={
+        "type": "json_schema",
+        "json_schema": '{"type": "object", "properties": {"color": {"enum": ["red", "blue"]}},'
+                       ' "required": ["color"]}'})
+    import json
+
+    content = client.complete_chat(messages).choices[0].message.content
+    assert json.loads(content or "")["color"] in ("red", "blue")
+
+
+def test_chat_client_errors(manager: FoundryLocalManager):
+    client = _loaded_smol(manager).get_chat_client()
+    with pytest.raises(ValueError, match="non-empty"):
+        client.complete_chat([])
+    with pytest.raises(ValueError, match="role"):
+        client.complete_chat([{"content": "x"}])
+    client.settings.temperature = 7.0  # out of range: the same 400 an HTTP client gets
+    with pytest.raises(FoundryLocalException, match="temperature"):
+        client.complete_chat([{"role": "user", "content": "hi"}])
+    other = manager.catalog.get_model("qwen2.5-0.5b-instruct")
+    assert other is not None
+    with pytest.raises(FoundryLocalException, match=r"not in the cache|download"):
+        other.get_chat_client().complete_chat([{"role": "user", "content": "hi"}])
+
+
+def test_tool_calls_in_process(manager: FoundryLocalManager):
+    client = _loaded_smol(manager).get_chat_client()
+    client.settings.tool_choice = {"type": "function", "name": "get_weather"}  # Foundry's shape
+    client.settings.max_tokens = 64
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    reply = client.complete_chat([{"role": "user", "content": "Weather in Paris?"}], tools=tools)
+    calls = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert calls and calls[0].function.name == "get_weather"
+    streamed = [c for c in client.complete_streaming_chat(
+        [{"role": "user", "content": "Weather in Paris?"}], tools=tools) if c.choices]
+    assert any(c.choices[0].delta.tool_calls for c in streamed)
+
+
+def test_two_threads_chatting_share_a_batch(manager: FoundryLocalManager):
+    model = _loaded_smol(manager)
+    scheduler_states = manager._core.manager.states
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for s in scheduler_states():
+                peak[0] = max(peak[0], s.running)
+            stop.wait(0.005)
+
+    results: list[str] = []
+
+    def chat(i: int) -> None:
+        client = model.get_chat_client()
+        client.settings.max_tokens = 48
+        reply = client.complete_chat([{"role": "user", "content": f"Count from {i} to {i + 20}."}])
+        results.append(reply.choices[0].message.content or "")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=chat, args=(i,)) for i in (1, 100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    watcher.join()
+    assert len(results) == 2 and all(results)
+    assert peak[0] == 2  # both sequences decoded in the same steps
+
+
+def test_leaving_a_stream_early_cancels_it(manager: FoundryLocalManager):
+    model = _loaded_smol(manager)
+    client = model.get_chat_client()
+    client.settings.max_tokens = 400
+    stream = client.complete_streaming_chat([{"role": "user", "content": "Write a long story."}])
+    for i, _chunk in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    import time
+
+    deadline = time.monotonic() + 1.0  # 400 tokens would take several seconds on one thread
+    while time.monotonic() < deadline:
+        states = list(manager._core.manager.states())
+        if states and states[0].running == 0:
+            break
+        time.sleep(0.01)
+    assert states and states[0].running == 0
+
+
+def test_embedding_client_in_process(manager: FoundryLocalManager):
+    client = _loaded_smol(manager).get_embedding_client()
+    one = client.generate_embedding("The quick brown fox")
+    vec = one.data[0].embedding
+    assert len(vec) == 576 and abs(sum(x * x for x in vec) - 1.0) < 1e-3  # normalised
+    many = client.generate_embeddings(["a cat", "a dog", "the stock market"])
+    assert [d.index for d in many.data] == [0, 1, 2] and many.usage.prompt_tokens > 0
+    with pytest.raises(ValueError):
+        client.generate_embedding("  ")
+
+
+def test_in_process_requests_are_counted_in_metrics(manager: FoundryLocalManager):
+    client = _loaded_smol(manager).get_chat_client()
+    client.settings.max_tokens = 4
+    client.complete_chat([{"role": "user", "content": "hi"}])
+    manager.start_web_service()
+    assert manager.urls is not None
+    text = httpx.get(manager.urls[0] + "/metrics", timeout=10).text
+    assert 'endpoint="sdk:/v1/chat/completions"' in text

@@ -11,6 +11,7 @@ loaded in-process is the one the web service answers with.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import threading
@@ -39,6 +40,9 @@ class Runtime:
         self._web: Any = None
         self._web_future: concurrent.futures.Future[None] | None = None
         self.urls: list[str] | None = None
+        # At exit, unload the models and stop the web service while the interpreter still works
+        # (the loop's thread is a daemon: without this, native engines die mid-flight).
+        atexit.register(self.close)
 
     async def _start(self) -> None:
         self.core.manager.start()
@@ -117,6 +121,7 @@ class Runtime:
     # --- shutdown -------------------------------------------------------------------------------
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         if self.loop.is_closed():
             return
         if self._web is not None:
