@@ -30,7 +30,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ").strip()
+    # Markdown tables: escape the column separator, and '<...>' that a renderer would take for HTML.
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ").strip()
 
 
 def settings_table() -> str:

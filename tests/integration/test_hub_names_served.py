@@ -74,3 +74,20 @@ def test_openai_download_takes_a_name(hub: FakeHub, server_factory: ServerFactor
     r = httpx.post(server.url("/v1/chat/completions"), timeout=60, json={
         "model": f"{NAME}:Q8_0", "messages": [{"role": "user", "content": "Hi"}]})
     assert r.status_code == 400 and "Q4_1" in r.json()["error"]["message"], r.text
+
+
+def test_model_run_by_name_downloads_and_answers(hub: FakeHub, tmp_path: Path):
+    """`foundry-local model run hf.co/...` as Ollama users type it: the service starts, the
+    model is downloaded through it, one answer is printed."""
+    from tests.support.serving import free_port
+
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "FOUNDRY_LOCAL_CACHE": str(tmp_path / "c"),
+           "FOUNDRY_LOCAL_PORT": str(free_port()), "FOUNDRY_LOCAL_N_THREADS": "1",
+           "FOUNDRY_LOCAL_PRELOAD": "false"}
+    try:
+        done = _cli("model", "run", f"{NAME}:q4_1", "Name three colors.", "--max-tokens", "16",
+                    "--temperature", "0", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Downloading" in done.stderr and done.stdout.strip()
+    finally:
+        _cli("service", "stop", env=env)
