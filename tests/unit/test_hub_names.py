@@ -219,3 +219,13 @@ def test_a_shipped_style_entry_resolves_through_the_listing(tmp_path: Path):
     model, variant = catalog.variant("tiny-q5:1")
     path = ensure_variant(ModelStore(tmp_path), catalog, model, variant)
     assert path.name == "Tiny-Chat-Q5_K_M.gguf"
+
+
+def test_the_first_sdk_shape_takes_names_too(tmp_path: Path):
+    from foundry_local_py import FoundryLocalManager
+    from foundry_local_py.config import Settings
+
+    manager = FoundryLocalManager(bootstrap=False, settings=Settings(cache_dir=tmp_path))
+    info = manager.get_model_info("hf.co/acme/Tiny-Chat-GGUF:Q2_K")
+    assert info is not None and info.alias == "hf.co/acme/Tiny-Chat-GGUF:Q2_K"
+    assert info.id == "hf-acme-tiny-chat-gguf-q2_k:1"
