@@ -74,14 +74,29 @@ def _seed(chat: Chat) -> None:
 
 
 def _penalises_repeats(field: str, value: float) -> Callable[[Chat], None]:
+    """On a prompt that invites repetition, the penalty cuts the repeats."""
+
     def check(chat: Chat) -> None:
         greedy = _greedy(chat, REPEAT)
         assert greedy.lower().count("cat") >= 3, greedy
         penalised = _text(chat(REPEAT, temperature=0, **{field: value}))
-        assert penalised != greedy
         assert penalised.lower().count("cat") < greedy.lower().count("cat"), (greedy, penalised)
 
     return check
+
+
+def _repeated_words(text: str) -> int:
+    words = text.lower().split()
+    return len(words) - len(set(words))
+
+
+def _presence(chat: Chat) -> None:
+    """A flat penalty on every token already seen: it cannot outweigh a very confident choice
+    ("cat cat cat" stays), so on a free text it must change the words and repeat fewer of them."""
+    greedy = _greedy(chat)
+    penalised = _text(chat(temperature=0, presence_penalty=2.0))
+    assert penalised != greedy
+    assert _repeated_words(penalised) <= _repeated_words(greedy), (greedy, penalised)
 
 
 def _logit_bias(chat: Chat) -> None:
@@ -97,7 +112,7 @@ HONOURED: dict[str, Callable[[Chat], None]] = {
     "top_k": _narrows_to_greedy("top_k", 1),
     "min_p": _narrows_to_greedy("min_p", 1.0),
     "seed": _seed,
-    "presence_penalty": _penalises_repeats("presence_penalty", 2.0),
+    "presence_penalty": _presence,
     "frequency_penalty": _penalises_repeats("frequency_penalty", 2.0),
     "repeat_penalty": _penalises_repeats("repeat_penalty", 1.8),
     "logit_bias": _logit_bias,
