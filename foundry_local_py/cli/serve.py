@@ -36,7 +36,8 @@ def build_settings(**overrides: Any) -> Settings:
 
 def _help(spec: SettingSpec) -> str:
     env = f"env {spec.env}"
-    tail = f"[default: {spec.default}; {env}]"
+    # Parentheses, not brackets: typer's rich help would read "[...]" as markup and drop it.
+    tail = f"(default: {spec.default}; {env})"
     return f"{spec.help} {tail}" if spec.help else tail
 
 

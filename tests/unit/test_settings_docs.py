@@ -28,9 +28,11 @@ def _capture(settings_cls: type[Settings] = Settings):
 def test_every_setting_is_a_documented_flag():
     result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
     assert result.exit_code == 0, result.output
+    text = " ".join(line.strip(" │") for line in result.output.splitlines())
     for spec in setting_specs():
         assert spec.help, f"Settings.{spec.name} has no description"
         assert spec.flags[0] in result.output, spec.name
+    assert "(default: 5273; env FOUNDRY_LOCAL_PORT)" in " ".join(text.split())
 
 
 def test_existing_flag_names_and_aliases_reach_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
