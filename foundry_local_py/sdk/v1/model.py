@@ -299,3 +299,28 @@ class Model:
     @property
     def is_loaded(self) -> bool:
         return self._selected.is_loaded
+
+    def download(self, progress_callback: Callable[[float], None] | None = None,
+                 cancel_event: threading.Event | None = None) -> None:
+        self._selected.download(progress_callback, cancel_event)
+
+    def get_path(self) -> str:
+        return self._selected.get_path()
+
+    def load(self) -> None:
+        self._selected.load()
+
+    def unload(self) -> None:
+        self._selected.unload()
+
+    def remove_from_cache(self) -> None:
+        self._selected.remove_from_cache()
+
+    def get_chat_client(self) -> ChatClient:
+        return self._selected.get_chat_client()
+
+    def get_embedding_client(self) -> EmbeddingClient:
+        return self._selected.get_embedding_client()
+
+    def get_audio_client(self) -> Any:
+        return self._selected.get_audio_client()
