@@ -213,6 +213,11 @@ class CatalogModel(_Strict):
     context_length: int = Field(gt=0)
     supports_tool_calling: bool = False
     description: str | None = None
+    aliases: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(
+        default_factory=list,
+        description="Other names of the model (Foundry Local's alias when it differs), so code "
+                    "written for Foundry Local finds it; the alias above is the one shown.",
+    )
     variants: list[Variant] = Field(min_length=1)
 
     @field_validator("alias", "publisher")
@@ -245,6 +250,11 @@ class Catalog:
         for model in models:
             merged[model.alias.lower()] = model
         self._models = merged
+        self._other_names: dict[str, str] = {}
+        for key, model in merged.items():
+            for name in model.aliases:
+                if name.lower() not in merged:  # an alias always wins over another's other name
+                    self._other_names.setdefault(name.lower(), key)
         self._variants: dict[str, tuple[CatalogModel, Variant]] = {}
         for model in merged.values():
             for variant in model.variants:
@@ -263,12 +273,13 @@ class Catalog:
         return list(self._models.values())
 
     def model(self, alias: str) -> CatalogModel | None:
-        return self._models.get(alias.lower())
+        key = alias.strip().lower()
+        return self._models.get(key) or self._models.get(self._other_names.get(key, ""))
 
     def lookup(self, name: str) -> tuple[CatalogModel, Variant | None]:
         """``name`` is an alias (variant to be chosen) or a variant id/name (variant fixed)."""
         key = name.strip().lower()
-        model = self._models.get(key)
+        model = self.model(key)
         if model is not None:
             return model, None
         hit = self._variants.get(key)

@@ -336,3 +336,57 @@ def test_in_process_requests_are_counted_in_metrics(manager: FoundryLocalManager
     assert manager.urls is not None
     text = httpx.get(manager.urls[0] + "/metrics", timeout=10).text
     assert 'endpoint="sdk:/v1/chat/completions"' in text
+
+
+def test_foundry_sample_calls_with_its_alias_and_a_shipped_hub_entry(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """The calls of Foundry Local's native-chat-completions sample, with its model alias
+    (qwen2.5-0.5b): the shipped catalog entry (repo + quant at a pinned commit) is resolved
+    through the hub's listing and downloaded. The fake hub serves that commit, with the SmolLM2
+    GGUF standing in for the Q4_K_M file (and a Q8_0 file the default must not pick)."""
+    from foundry_local_py.cache.catalog import Catalog
+
+    entry = Catalog.load().model("qwen2.5-0.5b")
+    assert entry is not None and entry.alias == "qwen2.5-0.5b-instruct"
+    source = entry.variants[0].source
+    with FakeHub(commit=source.revision) as qwen_hub:  # type: ignore[union-attr]
+        repo = source.repo  # type: ignore[union-attr]
+        qwen_hub.add_file(repo, "Qwen2.5-0.5B-Instruct-Q4_K_M.gguf", smol_gguf_path())
+        decoy = tmp_path / "q8.gguf"
+        decoy.write_bytes(b"GGUF" + b"\0" * 4096)
+        qwen_hub.add_file(repo, "Qwen2.5-0.5B-Instruct-Q8_0.gguf", decoy)
+        monkeypatch.setenv("HF_ENDPOINT", qwen_hub.url)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setenv("FOUNDRY_LOCAL_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("FOUNDRY_LOCAL_N_THREADS", "1")
+
+        # --- as in the sample -------------------------------------------------------------
+        config = Configuration(app_name="foundry_local_samples")
+        FoundryLocalManager.initialize(config)
+        manager = FoundryLocalManager.instance
+        assert manager is not None
+        try:
+            eps: list[str] = []
+            manager.download_and_register_eps(progress_callback=lambda name, pct: eps.append(name))
+            model = manager.catalog.get_model("qwen2.5-0.5b")
+            assert model is not None
+            progress: list[float] = []
+            model.download(lambda p: progress.append(p))
+            model.load()
+            client = model.get_chat_client()
+            client.settings.max_tokens = 16
+            messages = [{"role": "user", "content": "What is the golden ratio?"}]
+            text = ""
+            for chunk in client.complete_streaming_chat(messages):
+                content = chunk.choices[0].delta.content if chunk.choices else None
+                if content:
+                    text += content
+            model.unload()
+            # ------------------------------------------------------------------------------------
+            assert "CPUExecutionProvider" in eps
+            assert progress[-1] == 100.0 and len(progress) > 2
+            assert text.strip()
+            got = [g.path for g in qwen_hub.gets(".gguf")]
+            assert got and all(p.endswith("Q4_K_M.gguf") for p in got)  # the quant, not the decoy
+        finally:
+            manager.close()
