@@ -371,7 +371,7 @@ def test_foundry_sample_calls_with_its_alias_and_a_shipped_hub_entry(tmp_path: P
             model = manager.catalog.get_model("qwen2.5-0.5b")
             assert model is not None
             progress: list[float] = []
-            model.download(lambda p: progress.append(p))
+            model.download(progress.append)
             model.load()
             client = model.get_chat_client()
             client.settings.max_tokens = 16
