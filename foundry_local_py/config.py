@@ -227,7 +227,10 @@ def _default_text(info: FieldInfo, kind: str) -> str:
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     if "default_doc" in extra:
         return str(extra["default_doc"])
-    value = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
+    try:
+        value = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
+    except TypeError:  # a factory that reads the other fields: no single default to show
+        return "computed"
     if value is None:
         return "none"
     if kind == "bool":

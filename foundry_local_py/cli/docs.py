@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -27,6 +27,7 @@ from ..config import setting_specs
 BEGIN = "<!-- BEGIN GENERATED: {name} (foundry-local docs; do not edit by hand) -->"
 END = "<!-- END GENERATED: {name} -->"
 README = Path(__file__).resolve().parents[2] / "README.md"
+T = TypeVar("T")
 
 
 def _cell(text: str) -> str:
@@ -61,7 +62,7 @@ def metric_families() -> list[tuple[str, str, list[str], str]]:
             name = value._name + ("_total" if value._type == "counter" else "")
             found.append((str(name), str(value._type), list(value._labelnames), str(value._documentation)))
     # The gauges read at scrape time come from a collector: collect them with one model present.
-    metrics.attach_state(lambda: [ModelState("m", "llama.cpp", "cpu", 0, 0)], lambda: 0)
+    metrics.attach_state(lambda: [_sample_state(ModelState)], lambda: 0)
     known = {f[0] for f in found}
     for family in metrics.registry.collect():
         if family.type != "gauge" or family.name in known:
@@ -69,6 +70,19 @@ def metric_families() -> list[tuple[str, str, list[str], str]]:
         labels = sorted({k for s in family.samples for k in s.labels}, key=_label_order)
         found.append((family.name, family.type, labels, family.documentation))
     return found
+
+
+def _sample_state(cls: type[T]) -> T:
+    """One instance of the state the collector reads, whatever fields it has grown: text fields
+    get a name, numbers 0 (only the families and their labels matter here)."""
+    import dataclasses
+
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            continue
+        values[f.name] = "m" if f.type in (str, "str") else 0
+    return cls(**values)
 
 
 def _label_order(label: str) -> tuple[int, str]:
