@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DownloadError, InvalidRequestError
+from ..errors import DownloadError, InvalidRequestError, ModelNotFoundError
 from .catalog import NAME_PATTERN, Catalog, CatalogModel, HubFile, HuggingFaceSource, Variant
 
 HUB_PREFIXES = ("hf.co/", "huggingface.co/", "https://huggingface.co/", "https://hf.co/")
@@ -284,9 +284,10 @@ def hub_model_entry(ref: HubRef, listing: Listing, choice: GgufChoice) -> Catalo
 
 
 def register_hub_model(cache_dir: Path, catalog: Catalog | None, name: str, *,
-                       token: str | None = None) -> CatalogModel:
+                       token: str | None = None, network: bool = True) -> CatalogModel:
     """The catalog entry for ``hf.co/...``: from ``catalog`` or the user catalog when it was
-    resolved before, else from the hub's listing, written to the user catalog."""
+    resolved before, else (``network``) from the hub's listing, written to the user catalog.
+    Without ``network`` an unknown name is a 404 that says to download it."""
     from .registry import add_user_models, read_user_models
 
     ref = parse_hub_name(name)
@@ -298,6 +299,9 @@ def register_hub_model(cache_dir: Path, catalog: Catalog | None, name: str, *,
             if catalog is not None:
                 catalog.add(model)
             return model
+    if not network:
+        raise ModelNotFoundError(
+            name, detail=f"It is not in the cache; run 'foundry-local model download {ref.name}'.")
     listing = list_repo(ref.repo, token=token)
     model = hub_model_entry(ref, listing, pick_gguf(listing, ref.quant))
     add_user_models(cache_dir, [model])
@@ -334,9 +338,10 @@ def update_from_gguf(
     return fresh
 
 
-def ensure_hub_model(cache_dir: Path, catalog: Catalog, name: str, *, token: str | None = None
-                     ) -> tuple[CatalogModel, Variant | None]:
-    """``catalog.lookup(name)``, resolving ``hf.co/...`` names the catalog does not know yet."""
+def ensure_hub_model(cache_dir: Path, catalog: Catalog, name: str, *, token: str | None = None,
+                     network: bool = True) -> tuple[CatalogModel, Variant | None]:
+    """``catalog.lookup(name)``, resolving ``hf.co/...`` names the catalog does not know yet
+    (from the user catalog; with ``network``, from the hub)."""
     if not is_hub_name(name):
         return catalog.lookup(name)
-    return register_hub_model(cache_dir, catalog, name, token=token), None
+    return register_hub_model(cache_dir, catalog, name, token=token, network=network), None

@@ -184,8 +184,12 @@ class ModelManager:
     async def load(
         self, name: str, *, ep: str | None = None, ttl: float | None = None, pinned: bool = False
     ) -> LoadedModel:
-        if is_hub_name(name):  # hf.co/...: resolved on the hub or from the user catalog, off the loop
-            model, fixed = await asyncio.to_thread(ensure_hub_model, self.store.root, self.catalog, name)
+        if is_hub_name(name):
+            # hf.co/...: known once downloaded (from the user catalog, off the loop). A request never
+            # reaches the hub: a client could otherwise make the server list any repo and grow the
+            # user catalog; /openai/download (or the CLI) resolves and downloads new names.
+            model, fixed = await asyncio.to_thread(ensure_hub_model, self.store.root, self.catalog, name,
+                                                   network=False)
         else:
             model, fixed = self.catalog.lookup(name)
         requested = fixed.id if fixed else None

@@ -71,9 +71,15 @@ def test_openai_download_takes_a_name(hub: FakeHub, server_factory: ServerFactor
         "model": f"{NAME}:Q4_1", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
     assert r.status_code == 200, r.text
     # a name the hub cannot satisfy is a clear client error, not a 500
-    r = httpx.post(server.url("/v1/chat/completions"), timeout=60, json={
-        "model": f"{NAME}:Q8_0", "messages": [{"role": "user", "content": "Hi"}]})
+    r = httpx.post(server.url("/openai/download"), timeout=60, json={"model": f"{NAME}:Q8_0"})
     assert r.status_code == 400 and "Q4_1" in r.json()["error"]["message"], r.text
+    # a chat request never makes the server call the hub: an unknown name is a 404 that says
+    # how to download it (a client cannot make it list repos or grow the user catalog)
+    hub.clear_log()
+    r = httpx.post(server.url("/v1/chat/completions"), timeout=60, json={
+        "model": "hf.co/acme/never-downloaded", "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 404 and "model download hf.co/acme/never-downloaded" in r.text, r.text
+    assert hub.log == []
 
 
 def test_model_run_by_name_downloads_and_answers(hub: FakeHub, tmp_path: Path):
