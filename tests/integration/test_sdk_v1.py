@@ -205,6 +205,7 @@ def _loaded_smol(manager: FoundryLocalManager):
     return model
 
 
+@pytest.mark.slow
 def test_chat_client_in_process(manager: FoundryLocalManager):
     model = _loaded_smol(manager)
     client = model.get_chat_client()
@@ -248,6 +249,7 @@ def test_chat_client_errors(manager: FoundryLocalManager):
         other.get_chat_client().complete_chat([{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.slow
 def test_tool_calls_in_process(manager: FoundryLocalManager):
     client = _loaded_smol(manager).get_chat_client()
     client.settings.tool_choice = {"type": "function", "name": "get_weather"}  # Foundry's shape
@@ -264,6 +266,7 @@ def test_tool_calls_in_process(manager: FoundryLocalManager):
     assert any(c.choices[0].delta.tool_calls for c in streamed)
 
 
+@pytest.mark.slow
 def test_two_threads_chatting_share_a_batch(manager: FoundryLocalManager):
     model = _loaded_smol(manager)
     scheduler_states = manager._core.manager.states
@@ -338,6 +341,7 @@ def test_in_process_requests_are_counted_in_metrics(manager: FoundryLocalManager
     assert 'endpoint="sdk:/v1/chat/completions"' in text
 
 
+@pytest.mark.slow
 def test_foundry_sample_calls_with_its_alias_and_a_shipped_hub_entry(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch):
     """The calls of Foundry Local's native-chat-completions sample, with its model alias
@@ -390,3 +394,46 @@ def test_foundry_sample_calls_with_its_alias_and_a_shipped_hub_entry(tmp_path: P
             assert got and all(p.endswith("Q4_K_M.gguf") for p in got)  # the quant, not the decoy
         finally:
             manager.close()
+
+
+@pytest.mark.slow
+def test_in_process_answers_equal_the_web_service_answers(manager: FoundryLocalManager):
+    """The clients take the server's own path: the same request gives the same output in-process
+    and through start_web_service's HTTP API (chat, stream, forced tool call, embeddings)."""
+    model = _loaded_smol(manager)
+    manager.start_web_service()
+    assert manager.urls is not None
+    web = openai.OpenAI(base_url=manager.urls[0] + "/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "Name three colors."}]
+    client = model.get_chat_client()
+    client.settings.max_tokens, client.settings.temperature = 24, 0.0
+    local = client.complete_chat(messages)
+    remote = web.chat.completions.create(model=model.id, messages=messages,  # type: ignore[arg-type]
+                                         max_tokens=24, temperature=0.0)
+    assert local.choices[0].message.content == remote.choices[0].message.content
+    assert local.usage is not None and remote.usage is not None  # (cached_tokens differ: 2nd time)
+    assert (local.usage.prompt_tokens, local.usage.completion_tokens) == (
+        remote.usage.prompt_tokens, remote.usage.completion_tokens)
+    streamed = "".join(c.choices[0].delta.content or "" for c in web.chat.completions.create(
+        model=model.id, messages=messages, max_tokens=24, temperature=0.0, stream=True)  # type: ignore[arg-type]
+        if c.choices)
+    assert streamed == local.choices[0].message.content
+
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                              "required": ["city"]}}}]
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    client.settings.tool_choice, client.settings.max_tokens = {"type": "required"}, 48
+    local_call = client.complete_chat(ask, tools=tools).choices[0].message.tool_calls
+    remote_call = web.chat.completions.create(model=model.id, messages=ask, tools=tools,  # type: ignore[arg-type]
+                                              tool_choice="required", max_tokens=48,
+                                              temperature=0.0).choices[0].message.tool_calls
+    assert local_call and remote_call
+    assert [(c.function.name, c.function.arguments) for c in local_call] == [
+        (c.function.name, c.function.arguments) for c in remote_call]
+
+    texts = ["a cat", "the stock market"]
+    local_vecs = [d.embedding for d in model.get_embedding_client().generate_embeddings(texts).data]
+    remote_vecs = [d.embedding for d in web.embeddings.create(model=model.id, input=texts).data]
+    for a, b in zip(local_vecs, remote_vecs, strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4

@@ -128,10 +128,21 @@ class Runtime:
             self.stop_web()
         with contextlib.suppress(Exception):
             self.call(self.core.manager.close(), timeout=60)
+        with contextlib.suppress(Exception):
+            self.call(_cancel_leftovers(), timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_leftovers() -> None:
+    """Cancel what is still pending on the loop (e.g. a web library's watcher task), so closing
+    the loop destroys no pending task."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _next(agen: AsyncIterator[T]) -> T | object:
