@@ -131,6 +131,15 @@ class BatchRunner(Protocol):
         """Free the runner's resources."""
 
 
+@runtime_checkable
+class ReportsKvUsage(Protocol):
+    """A runner that can say how full its KV cache is (optional; read by the scheduler)."""
+
+    def kv_usage(self) -> float:
+        """KV cache held by running sequences / the runner's capacity (0 to 1). Cheap: the
+        scheduler reads it once per step, on its worker thread."""
+
+
 @dataclass(frozen=True)
 class ChatTemplateSpec:
     """The chat template a model file carries, with the special tokens it refers to."""

@@ -385,6 +385,14 @@ class _LlamaRunner:
 
     # --- protocol -----------------------------------------------------------------------
 
+    def kv_usage(self) -> float:
+        """Tokens in the KV streams of running sequences / the context's cells (n_ctx x slots).
+
+        An idle slot's cells (its last sequence, kept for prefix reuse) count as free: the next
+        request that takes the slot overwrites them, as vLLM counts evictable cached blocks."""
+        used = sum(len(s.cached) for s in self._by_request.values())
+        return used / (self.n_ctx_seq * self.max_batch)
+
     def add(self, request: GenerationRequest) -> int:
         """Start a sequence; returns how many prompt tokens came from the prefix cache."""
         prompt = request.prompt_tokens

@@ -445,6 +445,14 @@ class _EngineRunner:
 
     # --- protocol -----------------------------------------------------------------------
 
+    def kv_usage(self) -> float:
+        """An estimate: onnxruntime-genai does not report its KV use. Each running request's KV
+        buffer is sized for its whole session (prompt + the tokens it may generate) when it
+        starts, so the reserved tokens over n_ctx x slots is what this returns (an upper bound on
+        the cells written so far)."""
+        reserved = sum(seq.budget.session for seq in self._by_request.values()) + self._solo.reserved()
+        return reserved / (self.owner.n_ctx * self.max_batch)
+
     def add(self, request: GenerationRequest) -> int:
         if request.request_id in self._by_request or self._solo.has(request.request_id):
             raise EngineError("duplicate request id")
@@ -623,6 +631,13 @@ class _GeneratorRunner:
 
     def has(self, request_id: str) -> bool:
         return request_id in self._seqs
+
+    def reserved(self) -> int:
+        """KV tokens the running generators were sized for."""
+        return sum(seq.budget.session for seq in self._seqs.values())
+
+    def kv_usage(self) -> float:
+        return self.reserved() / (self.owner.n_ctx * self.max_batch)
 
     def add(self, request: GenerationRequest) -> int:
         if request.request_id in self._seqs:

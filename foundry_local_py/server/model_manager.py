@@ -137,7 +137,7 @@ class ModelManager:
         for lm in list(self._loaded.values()):
             stats = lm.scheduler.stats()
             yield ModelState(lm.alias, lm.engine.info.engine, lm.engine.info.device, stats.running,
-                             stats.waiting)
+                             stats.waiting, lm.scheduler.max_queue, stats.max_batch, stats.kv_usage)
 
     def memory_budget(self) -> int:
         return self.settings.memory_budget_bytes or int(psutil.virtual_memory().total * 0.75)
@@ -272,6 +272,7 @@ class ModelManager:
             lm = LoadedModel(model, variant, engine, scheduler, formatter, ttl, memory, engine_ep,
                              load_seconds=time.monotonic() - started)
             self.metrics.model_load_seconds.labels(model.alias).observe(lm.load_seconds)
+            self.metrics.declare_model(model.alias)
             self._loaded[variant.id] = lm
             log.info("loaded %s (%s on %s, %s) in %.2fs, ~%d MiB: %s", variant.id, lm.engine.info.engine,
                      lm.engine.info.device, engine_ep, lm.load_seconds, memory.total >> 20, choice.reason)

@@ -169,6 +169,27 @@ def test_prompt_checks(engine: OrtGenaiEngine) -> None:
         runner.close()
 
 
+def test_kv_usage_estimate(engine: OrtGenaiEngine, template: ChatTemplate) -> None:
+    """What foundry_local_kv_cache_usage_ratio reports for ONNX models (docs/operations.md): the KV
+    reserved by running requests, each sized for its prompt + allowed output when it starts, over
+    n_ctx x slots; 0 when idle."""
+    runner = engine.create_runner()
+    try:
+        assert runner.kv_usage() == 0
+        prompt = chat_ids(engine, template, "Say hello.")
+        one = max(len(prompt) + 20, min(engine.min_session, engine.n_ctx)) / (engine.n_ctx * runner.max_batch)
+        runner.add(GenerationRequest("a", prompt, 20, GREEDY))
+        assert runner.kv_usage() == pytest.approx(one)
+        runner.add(GenerationRequest("b", prompt, 20, GREEDY))
+        assert runner.kv_usage() == pytest.approx(2 * one)
+        runner.step()
+        runner.remove("a")
+        runner.remove("b")
+        assert runner.kv_usage() == 0
+    finally:
+        runner.close()
+
+
 # --- the runner under the real scheduler -------------------------------------------------------
 
 QUESTIONS = [
