@@ -242,8 +242,8 @@ class ServingCore:
                         raise event.error
                 fe = api(req, gen)
                 if api.streams(req):
-                    return sse(self._stream(fe, gen, firsts, recorder))
-                outcome = await unless_disconnected(_collect(gen, firsts, recorder), raw)
+                    return sse(self.stream(fe, gen, firsts, recorder))
+                outcome = await unless_disconnected(collect(gen, firsts, recorder), raw)
                 if outcome is None:
                     gen.cancel()
                     recorder.close("499")
@@ -259,9 +259,11 @@ class ServingCore:
             recorder.close_for(exc)
             raise
 
-    async def _stream(
+    async def stream(
         self, fe: FrontEnd[Any], gen: Generation, firsts: list[StreamEvent], recorder: Recorder
     ) -> AsyncIterator[bytes]:
+        """A started generation as the front-end's stream bytes; counts the request when it ends
+        (HTTP streams and the in-process SDK's streaming clients use it)."""
         status = "499"  # until the stream ends normally
         choices = [ChoiceOutcome() for _ in gen.handles]
         try:
@@ -305,7 +307,8 @@ class ServingCore:
             recorder.close(status)
 
 
-async def _collect(gen: Generation, firsts: list[StreamEvent], recorder: Recorder) -> Outcome:
+async def collect(gen: Generation, firsts: list[StreamEvent], recorder: Recorder) -> Outcome:
+    """A started generation's whole output (non-streaming requests); raises its error, if any."""
     choices = [ChoiceOutcome() for _ in gen.handles]
     async for index, event in gen.events(firsts):
         choice = choices[index]

@@ -21,7 +21,7 @@ from ...errors import FoundryError, InvalidRequestError
 from ...generation import new_id
 from ...scheduler.scheduler import ErrorEvent
 from ...server.errors import invalid_request_from_errors
-from ...server.serving import FrontEnd, Recorder, _collect
+from ...server.serving import FrontEnd, Recorder, collect
 from ...server.state import Core
 
 M = TypeVar("M", bound=BaseModel)
@@ -52,8 +52,8 @@ async def run(core: Core, api: type[FrontEnd[Any]], req: Any) -> dict[str, Any] 
                     raise event.error
             fe = api(req, gen)
             if api.streams(req):
-                return core.serving._stream(fe, gen, firsts, recorder)
-            outcome = await _collect(gen, firsts, recorder)
+                return core.serving.stream(fe, gen, firsts, recorder)
+            outcome = await collect(gen, firsts, recorder)
             body = fe.body(outcome)
             await fe.completed(outcome)
         except BaseException:
