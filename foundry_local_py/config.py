@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body accepted.")
     max_header_bytes: int = Field(64 * 1024, gt=0, description="Largest total size of request headers.")
     max_header_count: int = Field(256, gt=0, description="Most request header fields accepted.")
+    allow_unauthenticated_remote: bool = Field(
+        False, description="Allow binding a non-loopback address without an API key (refused otherwise).")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Longest time a client may take to send a request's headers (slowloris).")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest time a client may take to send a request's body (then 408).")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long running requests may take to finish.")
 
     # --- models and cache ----------------------------------------------------------------
     cache_dir: Path = Field(
@@ -90,6 +98,11 @@ class Settings(BaseSettings):
     memory_budget_bytes: int | None = Field(
         None, description="Memory budget for loaded models (default: 75% of RAM)."
     )
+    probe_models: bool = Field(
+        True, description="Load each new model file once in a child process first (crash isolation).")
+    probe_timeout_s: float = Field(180.0, gt=0, description="Longest a model probe may take.")
+    probe_verdicts: Path | None = Field(
+        None, description="Where probe verdicts are kept (default ~/.foundry-local-py/probe-verdicts.json).")
 
     # --- engine --------------------------------------------------------------------------
     n_threads: int = Field(default_factory=physical_cores, ge=1, description="Threads for decode.")
@@ -115,6 +128,9 @@ class Settings(BaseSettings):
     max_stop_length: int = Field(256, ge=1)
     max_logit_bias: int = Field(300, ge=0)
     max_top_logprobs: int = Field(20, ge=0)
+    max_tools: int = Field(128, ge=0, description="Most tools one request may declare.")
+    max_schema_bytes: int = Field(
+        256 * 1024, gt=0, description="Largest JSON schema (response_format or one tool's parameters).")
     template_timeout_s: float = Field(2.0, gt=0, description="Cap on rendering a chat template.")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"

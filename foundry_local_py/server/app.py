@@ -19,6 +19,7 @@ from .errors import install_error_handlers
 from .middleware import GuardMiddleware
 from .routes import foundry, health, openai
 from .state import Core, EngineLoader, build_core
+from .transport import Drain
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,12 @@ async def _preload(core: Core) -> None:
         core.preloading = False
 
 
-def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader | None = None) -> FastAPI:
-    """The application. ``engine_loader`` replaces the engine factory (tests with fake engines)."""
+def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader | None = None,
+               drain: Drain | None = None) -> FastAPI:
+    """The application. ``engine_loader`` replaces the engine factory (tests with fake engines);
+    ``drain`` is the shutdown state the server sets on SIGTERM (server/transport.py)."""
     settings = settings or Settings()
+    drain = drain or Drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,6 +69,7 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.drain = drain
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai.router)
@@ -80,7 +85,7 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(GuardMiddleware, settings=settings)
+    app.add_middleware(GuardMiddleware, settings=settings, drain=drain)
     return app
 
 

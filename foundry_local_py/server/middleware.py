@@ -5,11 +5,16 @@
 - optional API key on every route except exactly ``GET /health``, whatever the path spelling
   (``//v1/...`` is not ``/health`` and so needs the key), compared in constant time;
 - a request-body limit: 413 before parsing, from Content-Length or while reading;
-- a header limit (total bytes and count): 431, whatever the HTTP parser itself allows.
+- a deadline on reading the body (a client that never finishes it gets 408 and is disconnected;
+  the headers' deadline is the HTTP protocol's, server/transport.py);
+- a header limit (total bytes and count): 431, whatever the HTTP parser itself allows;
+- while draining for shutdown: 503 to every new request but ``/health``; requests in flight are
+  counted so the server knows when the drain is over.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -18,6 +23,7 @@ import secrets
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
+from .transport import Drain
 
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -48,8 +54,11 @@ def _host_allowed(host_header: str, allowed: list[str]) -> bool:
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, drain: Drain | None = None) -> None:
         self.app = app
+        self.drain = drain or Drain()
+        self.body_timeout_s = settings.body_timeout_s
+        self.cors_origins = {o.lower() for o in settings.cors_origins}
         self.max_body = settings.max_body_bytes
         self.max_header_bytes = settings.max_header_bytes
         self.max_header_count = settings.max_header_count
@@ -80,10 +89,13 @@ class GuardMiddleware:
         headers = {k.lower(): v for k, v in raw_headers}
         host = headers.get(b"host", b"").decode("latin-1")
         if host and not _host_allowed(host, self.allowed_hosts):
-            await self._reject(send_with_id, 400, "Invalid Host header.", "invalid_request_error",
+            # 403 as Ollama answers a foreign Host: the request is understood and refused.
+            await self._reject(send_with_id, 403, "Invalid Host header.", "invalid_request_error",
                                "invalid_host")
             return
-        if self.api_key is not None and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
+        public = scope["path"] in PUBLIC_PATHS
+        if (self.api_key is not None and not public and not self._authorized(headers)
+                and not self._cors_preflight(scope, headers)):
             await self._reject(send_with_id, 401, "Incorrect or missing API key. Send 'Authorization: "
                                "Bearer <key>'.", "authentication_error", "invalid_api_key",
                                extra=[(b"www-authenticate", b"Bearer")])
@@ -99,13 +111,31 @@ class GuardMiddleware:
             if too_big:
                 await self._reject_too_large(send_with_id)
                 return
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            body, more = await self._read_body(receive)
-            if more:
-                await self._reject_too_large(send_with_id)
-                return
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send_with_id)
+        if self.drain.draining and not public:
+            await self._reject(send_with_id, 503, "The server is shutting down; retry on another "
+                               "instance or after it restarts.", "server_error", "shutting_down",
+                               extra=[(b"retry-after", b"5"), (b"connection", b"close")])
+            return
+        if public:
+            await self.app(scope, receive, send_with_id)
+            return
+        self.drain.active += 1
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                try:
+                    body, more = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+                except asyncio.TimeoutError:
+                    await self._reject(send_with_id, 408, f"The request body was not received within "
+                                       f"{self.body_timeout_s:g} s.", "invalid_request_error",
+                                       "request_timeout", extra=[(b"connection", b"close")])
+                    return
+                if more:
+                    await self._reject_too_large(send_with_id)
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.drain.active -= 1
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         assert self.api_key is not None
@@ -114,6 +144,15 @@ class GuardMiddleware:
         if scheme.lower() != b"bearer":
             return False
         return hmac.compare_digest(token.strip(), self.api_key)
+
+    def _cors_preflight(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
+        """A CORS preflight from an allowed origin (browsers never send credentials with one):
+        answered by the CORS middleware without reaching any route."""
+        if scope["method"] != "OPTIONS" or not self.cors_origins:
+            return False
+        origin = headers.get(b"origin", b"").decode("latin-1").lower()
+        return bool(origin) and b"access-control-request-method" in headers and (
+            origin in self.cors_origins or "*" in self.cors_origins)
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
         """Read the body up to the limit; ``more`` is True when it is larger."""

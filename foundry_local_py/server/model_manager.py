@@ -26,6 +26,7 @@ from ..config import Settings, auto_parallel
 from ..engines.base import Engine
 from ..engines.chat_format import ChatFormatter
 from ..engines.factory import EngineOptions, load_engine
+from ..engines.probe import probe_model
 from ..errors import ConflictError, FoundryError, ModelLoadError, ModelNotFoundError
 from ..hardware import (
     HardwareInventory,
@@ -238,6 +239,8 @@ class ModelManager:
     ) -> LoadedModel:
         path = self.store.resolve(model, variant)
         s = self.settings
+        if self._engine_loader is load_engine:  # crash isolation (engines/probe.py); fakes skip it
+            probe_model(variant.format, path, s)
         n_ctx = s.n_ctx or min(variant.context_length or model.context_length, DEFAULT_CTX_CAP)
         engine = self._engine_loader(
             variant.format, path,
