@@ -113,7 +113,8 @@ class GuardMiddleware:
                 return
         if self.drain.draining and not public:
             await self._reject(send_with_id, 503, "The server is shutting down; retry on another "
-                               "instance or after it restarts.", "server_error", "shutting_down",
+                               f"instance or after it restarts (request id {request_id}).",
+                               "server_error", "shutting_down",
                                extra=[(b"retry-after", b"5"), (b"connection", b"close")])
             return
         if public:
