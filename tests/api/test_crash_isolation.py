@@ -126,7 +126,7 @@ def test_hostile_gguf_fails_cleanly_and_the_server_keeps_serving(isolated, alias
     assert "could not be loaded" in err["message"] or "crashed" in err["message"], err
     _still_serving(isolated)
     err2, again = _load_failure(isolated, alias)
-    assert err2["message"] == err["message"]
+    assert err2["message"].split(" (request id")[0] == err["message"].split(" (request id")[0]
     print(f"\nPROBE {alias}: {err['message']!r}; first {first:.2f} s, "
           f"remembered verdict {again * 1000:.0f} ms")
     assert again < max(0.5, first / 2), (first, again)  # the verdict was remembered, not re-probed
