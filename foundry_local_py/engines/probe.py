@@ -270,7 +270,9 @@ def run_probe(cmd: Sequence[str], *, timeout_s: float = PROBE_TIMEOUT_S) -> Verd
     reason = proc.stdout.decode("utf-8", errors="replace").strip().splitlines()
     message = reason[-1] if reason and reason[-1].startswith("probe-error: ") else ""
     detail = message[len("probe-error: "):] if message else f"exit status {proc.returncode}"
-    return Verdict(False, detail if detail.startswith("the model") else f"the model could not be loaded: {detail}")
+    if not detail.startswith("the model"):
+        detail = f"the model could not be loaded: {detail}"
+    return Verdict(False, detail)
 
 
 def probe_model(fmt: str, path: Path, settings: Any, *, command: Sequence[str] | None = None) -> None:
