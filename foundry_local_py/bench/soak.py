@@ -7,7 +7,10 @@ fraction (``--disconnect``) leave at a random point, then checks the server is b
 
 - no 5xx (seen by the clients, and in the server's request counter);
 - nothing left running: the running gauge is 0, every slot of ``/v1/slots`` is idle, no queue;
-- RSS growth after warm-up under ``--rss-limit-mb`` (50);
+- RSS growth after warm-up under ``--rss-limit-mb`` (50). The host prompt cache
+  (``prompt_cache_mib``, 256 by default) fills up to its bound as distinct sequences finish: that
+  is growth too, bounded, not a leak; ``--server-env FOUNDRY_LOCAL_PROMPT_CACHE_MIB=0`` measures
+  without it, and ``rss_samples_mb`` shows whether the growth levels off;
 - the generation-token counter equals the tokens the completed requests reported in ``usage``,
   plus at most ``max_tokens`` for each request whose client left (the server counts the tokens it
   generated for them; the client cannot know how many those were).
@@ -80,6 +83,8 @@ class Report:
     rss_warm_mb: float = 0.0
     rss_end_mb: float = 0.0
     rss_growth_mb: float = 0.0
+    rss_samples_mb: dict[int, float] = field(default_factory=dict)
+    """RSS after n requests: a leak keeps climbing, a bounded cache levels off."""
     completed_completion_tokens: int = 0
     disconnected: int = 0
     counter_generation_tokens: float = 0.0
@@ -226,8 +231,11 @@ async def soak(base_url: str, *, requests: int, concurrency: int, disconnect: fl
                 kind, leave, r = plan[i]
                 results.append(await _one(client, kind, r, leave=leave, max_tokens=max_tokens))
                 done += 1
-                if done == warmup and proc is not None:
-                    rss_warm.append(proc.memory_info().rss / 2**20)
+                if proc is not None and (done == warmup or done % max(1, requests // 10) == 0):
+                    rss = round(proc.memory_info().rss / 2**20, 1)
+                    report.rss_samples_mb[done] = rss
+                    if done == warmup:
+                        rss_warm.append(rss)
 
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -296,6 +304,7 @@ def _server(args: argparse.Namespace) -> Any:
     port = _free_port()
     cache = tempfile.mkdtemp(prefix="soak-cache-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FOUNDRY_LOCAL_")}
+    env.update(item.split("=", 1) for item in args.server_env)
     cmd = [sys.executable, "-m", "foundry_local_py.cli.main", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--cache-dir", cache, *args.server_arg]
     log = open(Path(cache) / "server.log", "wb")  # noqa: SIM115 - closed below
@@ -342,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rss-limit-mb", type=float, default=50.0)
     p.add_argument("--json", type=Path, help="also write the report here")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for the server it starts (repeat)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra flag for the server it starts (repeat), e.g. --server-arg=--n-threads=2")
     args = p.parse_args(argv)
