@@ -7,10 +7,11 @@ fraction (``--disconnect``) leave at a random point, then checks the server is b
 
 - no 5xx (seen by the clients, and in the server's request counter);
 - nothing left running: the running gauge is 0, every slot of ``/v1/slots`` is idle, no queue;
-- RSS growth after warm-up under ``--rss-limit-mb`` (50). The host prompt cache
-  (``prompt_cache_mib``, 256 by default) fills up to its bound as distinct sequences finish: that
-  is growth too, bounded, not a leak; ``--server-env FOUNDRY_LOCAL_PROMPT_CACHE_MIB=0`` measures
-  without it, and ``rss_samples_mb`` shows whether the growth levels off;
+- RSS growth after warm-up under ``--rss-limit-mb`` (50) plus the server's host prompt cache bound
+  (``--prompt-cache-mib``, the server's default 256): that cache fills up to its bound as distinct
+  sequences finish, which is growth, bounded, not a leak. So also: over the last 30% of the run
+  (the cache full by then) RSS grows less than ``--rss-limit-mb``: a leak keeps climbing.
+  ``--prompt-cache-mib 0`` runs the server without the cache and checks the 50 MB alone;
 - the generation-token counter equals the tokens the completed requests reported in ``usage``,
   plus at most ``max_tokens`` for each request whose client left (the server counts the tokens it
   generated for them; the client cannot know how many those were).
@@ -85,6 +86,9 @@ class Report:
     rss_growth_mb: float = 0.0
     rss_samples_mb: dict[int, float] = field(default_factory=dict)
     """RSS after n requests: a leak keeps climbing, a bounded cache levels off."""
+    rss_tail_growth_mb: float = 0.0
+    """RSS growth over the last 30% of the requests."""
+    prompt_cache_mib: int = 0
     completed_completion_tokens: int = 0
     disconnected: int = 0
     counter_generation_tokens: float = 0.0
@@ -198,10 +202,12 @@ def _five_xx(text: str) -> float:
 
 async def soak(base_url: str, *, requests: int, concurrency: int, disconnect: float, seed: int,
                max_tokens: int, pid: int | None, rss_limit_mb: float = 50.0,
-               kinds: tuple[str, ...] = KINDS, warmup: int | None = None) -> Report:
-    """Run the soak against ``base_url`` (the server's process id for RSS, when known)."""
+               kinds: tuple[str, ...] = KINDS, warmup: int | None = None,
+               prompt_cache_mib: int = 0) -> Report:
+    """Run the soak against ``base_url`` (the server's process id for RSS, when known;
+    ``prompt_cache_mib``: the server's host prompt cache bound, allowed on top of the growth)."""
     rng = random.Random(seed)  # noqa: S311 - a reproducible load, not secrets
-    report = Report(requests, concurrency)
+    report = Report(requests, concurrency, prompt_cache_mib=prompt_cache_mib)
     plan = [(rng.choice(kinds), rng.random() < disconnect, random.Random(rng.random()))  # noqa: S311
             for _ in range(requests)]
     warmup = warmup if warmup is not None else max(concurrency, requests // 10)
@@ -231,7 +237,8 @@ async def soak(base_url: str, *, requests: int, concurrency: int, disconnect: fl
                 kind, leave, r = plan[i]
                 results.append(await _one(client, kind, r, leave=leave, max_tokens=max_tokens))
                 done += 1
-                if proc is not None and (done == warmup or done % max(1, requests // 10) == 0):
+                tail_start = requests - (3 * requests) // 10
+                if proc is not None and (done in (warmup, tail_start) or done % max(1, requests // 10) == 0):
                     rss = round(proc.memory_info().rss / 2**20, 1)
                     report.rss_samples_mb[done] = rss
                     if done == warmup:
@@ -268,6 +275,9 @@ async def soak(base_url: str, *, requests: int, concurrency: int, disconnect: fl
         report.rss_warm_mb = round(rss_warm[0] if rss_warm else proc.memory_info().rss / 2**20, 1)
         report.rss_end_mb = round(proc.memory_info().rss / 2**20, 1)
         report.rss_growth_mb = round(report.rss_end_mb - report.rss_warm_mb, 1)
+        tail_start = requests - (3 * requests) // 10
+        if tail_start in report.rss_samples_mb:
+            report.rss_tail_growth_mb = round(report.rss_end_mb - report.rss_samples_mb[tail_start], 1)
     f = report.failures
     if report.client_5xx or report.server_5xx:
         f.append(f"5xx: {report.client_5xx} seen by clients, {report.server_5xx} counted by the server")
@@ -277,8 +287,12 @@ async def soak(base_url: str, *, requests: int, concurrency: int, disconnect: fl
         f.append(f"{len(errors)} errors: {common}")
     if running or waiting or busy:
         f.append(f"not at rest: running {running}, waiting {waiting}, busy slots {busy}")
-    if proc is not None and report.rss_growth_mb > rss_limit_mb:
-        f.append(f"RSS grew {report.rss_growth_mb} MB after warm-up (limit {rss_limit_mb})")
+    bound = rss_limit_mb + prompt_cache_mib * 1.048576  # MiB -> MB
+    if proc is not None and report.rss_growth_mb > bound:
+        f.append(f"RSS grew {report.rss_growth_mb} MB after warm-up (limit {rss_limit_mb} MB + a "
+                 f"{prompt_cache_mib} MiB prompt cache)")
+    if proc is not None and report.rss_tail_growth_mb > rss_limit_mb:
+        f.append(f"RSS still climbing: +{report.rss_tail_growth_mb} MB over the last 30% of the run")
     if report.counter_excess_tokens < 0:
         f.append(f"token counter {counted} < tokens the completed requests received "
                  f"({report.completed_completion_tokens})")
@@ -304,6 +318,7 @@ def _server(args: argparse.Namespace) -> Any:
     port = _free_port()
     cache = tempfile.mkdtemp(prefix="soak-cache-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FOUNDRY_LOCAL_")}
+    env["FOUNDRY_LOCAL_PROMPT_CACHE_MIB"] = str(args.prompt_cache_mib)
     env.update(item.split("=", 1) for item in args.server_env)
     cmd = [sys.executable, "-m", "foundry_local_py.cli.main", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--cache-dir", cache, *args.server_arg]
@@ -350,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rss-limit-mb", type=float, default=50.0)
+    p.add_argument("--prompt-cache-mib", type=int, default=256,
+                   help="the server's host prompt cache (set on the server it starts) [256]")
     p.add_argument("--json", type=Path, help="also write the report here")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment variable for the server it starts (repeat)")
@@ -362,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run(url: str, pid: int | None) -> Report:
         return await soak(url, requests=args.requests, concurrency=args.concurrency,
                           disconnect=args.disconnect, seed=args.seed, max_tokens=args.max_tokens,
-                          pid=pid, rss_limit_mb=args.rss_limit_mb)
+                          pid=pid, rss_limit_mb=args.rss_limit_mb, prompt_cache_mib=args.prompt_cache_mib)
 
     if args.url:
         report = asyncio.run(run(args.url.rstrip("/"), args.pid))
