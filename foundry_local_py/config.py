@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         256 * 1024, gt=0, description="Largest JSON schema (response_format or one tool's parameters).")
     template_timeout_s: float = Field(2.0, gt=0, description="Cap on rendering a chat template.")
 
+    # --- stored responses (/v1/responses with store=true) ---------------------------------
+    responses_max_stored: int = Field(
+        10_000, ge=0, description="Most stored responses kept (oldest dropped first; 0: store none).")
+    responses_max_age_s: float = Field(
+        30 * 24 * 3600.0, gt=0, description="Stored responses older than this are dropped (30 days).")
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("cache_dir", mode="before")

@@ -75,12 +75,6 @@ class ConflictError(FoundryError):
     default_code = "conflict"
 
 
-class PayloadTooLargeError(FoundryError):
-    status = 413
-    type = "invalid_request_error"
-    default_code = "request_too_large"
-
-
 class RateLimitError(FoundryError):
     """The admission queue is full. ``retry_after`` seconds goes into the Retry-After header."""
 

@@ -32,8 +32,8 @@ PROMPT = (
 def _worker(fmt: str, path: str, n_threads: int, decode_tokens: int) -> dict[str, Any]:
     import psutil
 
+    from ..engines.backends import EngineOptions, load_engine
     from ..engines.base import GenerationRequest, SamplingParams
-    from ..engines.factory import EngineOptions, load_engine
 
     t0 = time.perf_counter()
     engine = load_engine(fmt, Path(path), EngineOptions(n_threads=n_threads, max_batch=1, n_ctx=2048))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-PROMPTS = [
+PROMPTS = (
     "Write a short story about a lighthouse keeper.",
     "Explain how rain forms, in simple words.",
     "List some tips for learning a new language.",
@@ -35,7 +35,7 @@ PROMPTS = [
     "Write a short dialogue between two robots.",
     "Explain the water cycle.",
     "What are the benefits of reading books?",
-]
+)
 
 
 @dataclass

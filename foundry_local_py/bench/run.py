@@ -39,6 +39,9 @@ class BenchConfig:
     """Single-stream rounds, each paired with a ceiling measurement right before it."""
     log_dir: Path = Path(".bench-logs")
     server_args: list[str] = field(default_factory=list)
+    baseline: Path | None = None
+    """Another checkout of this project (e.g. a worktree of an older commit), benched in the same
+    run as a third system named 'baseline': before/after ratios from one run."""
     unique_prompts: bool = False
     """Add a random tag to each prompt, so no request repeats an earlier one (every level sends
     the same 16 prompts otherwise, which a server with a prompt cache has seen before)."""
@@ -109,6 +112,12 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
                               extra=cfg.server_args)
             servers.append(ours)
             targets.append(("foundry-local-py", ours.base_url, cfg.model))
+        if cfg.baseline is not None:
+            console.print(f"starting the baseline from {cfg.baseline} ...")
+            base = start_ours(cfg.model, n_threads=cfg.n_threads, log_dir=cfg.log_dir,
+                              extra=cfg.server_args, name="baseline", source=cfg.baseline)
+            servers.append(base)
+            targets.append(("baseline", base.base_url, cfg.model))
         if cfg.vs_peer:
             assert gguf is not None
             console.print("starting llama_cpp.server (the peer) ...")
@@ -206,9 +215,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         table.add_column(f"{name}\nper-stream", justify="right")
         table.add_column(f"{name}\nTTFT p50/p95 ms", justify="right")
         table.add_column(f"{name}\nerrors", justify="right")
-    if len(names) == 2:
-        table.add_column("agg ratio", justify="right")
-        table.add_column("TTFT p50 ratio", justify="right")
+    # Ratios of each system against the last one (the peer, when there is one).
+    versus = names[:-1] if len(names) >= 2 else []
+    for name in versus:
+        table.add_column(f"{name}/{names[-1]}\nagg ratio", justify="right")
+        table.add_column(f"{name}/{names[-1]}\nTTFT p50 ratio", justify="right")
     n_levels = len(systems[names[0]]["levels"]) if names else 0
     for i in range(n_levels):
         row = [str(systems[names[0]]["levels"][i]["concurrency"])]
@@ -218,10 +229,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                     f"{lv['ttft_p50_ms']} / {lv['ttft_p95_ms']}",
                     f"{lv['errors']}"
                     + (f" ({lv['empty_responses']} empty)" if lv["empty_responses"] else "")]
-        if len(names) == 2:
-            a, b = (systems[n]["levels"][i] for n in names)
-            row += [_ratio(a["aggregate_tps"], b["aggregate_tps"]),
-                    _ratio(a["ttft_p50_ms"], b["ttft_p50_ms"])]
+        last = systems[names[-1]]["levels"][i]
+        for name in versus:
+            a = systems[name]["levels"][i]
+            row += [_ratio(a["aggregate_tps"], last["aggregate_tps"]),
+                    _ratio(a["ttft_p50_ms"], last["ttft_p50_ms"])]
         table.add_row(*row)
     console.print(table)
     for name in names:

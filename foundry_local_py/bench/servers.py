@@ -74,14 +74,19 @@ def _spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None
 
 
 def start_ours(model: str, *, n_threads: int, log_dir: Path, cache_dir: Path | None = None,
-               extra: list[str] | None = None) -> ServerProcess:
+               extra: list[str] | None = None, name: str = "foundry-local-py",
+               source: Path | None = None) -> ServerProcess:
+    """Our server; ``source``: run the code of another checkout (e.g. a baseline commit)."""
     port = free_port()
     args = [sys.executable, "-m", "foundry_local_py.cli.main", "serve", "--host", "127.0.0.1",
             "--port", str(port), "--model", model, "--n-threads", str(n_threads), *(extra or [])]
     if cache_dir is not None:
         args += ["--cache-dir", str(cache_dir)]
-    proc, log_path = _spawn("foundry-local-py", args, log_dir, env=dict(os.environ))
-    server = ServerProcess("foundry-local-py", proc, f"http://127.0.0.1:{port}/v1", log_path)
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve())
+    proc, log_path = _spawn(name, args, log_dir, env=env)
+    server = ServerProcess(name, proc, f"http://127.0.0.1:{port}/v1", log_path)
     _wait_ready(server, f"http://127.0.0.1:{port}/health", 300)
     return server
 

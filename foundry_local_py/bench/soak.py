@@ -125,7 +125,7 @@ def _body(kind: str, rng: random.Random, max_tokens: int) -> tuple[str, dict[str
         "type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}}
 
 
-async def _one(client: httpx.AsyncClient, kind: str, rng: random.Random, *, leave: bool,
+async def _one(client: httpx.AsyncClient, kind: str, rng: random.Random, *, leave: bool,  # noqa: PLR0912
                max_tokens: int) -> Result:
     path, body = _body(kind, rng, max_tokens)
     res = Result(kind)
@@ -200,7 +200,7 @@ def _five_xx(text: str) -> float:
     return total
 
 
-async def soak(base_url: str, *, requests: int, concurrency: int, disconnect: float, seed: int,
+async def soak(base_url: str, *, requests: int, concurrency: int, disconnect: float, seed: int,  # noqa: PLR0915
                max_tokens: int, pid: int | None, rss_limit_mb: float = 50.0,
                kinds: tuple[str, ...] = KINDS, warmup: int | None = None,
                prompt_cache_mib: int = 0) -> Report:

@@ -19,8 +19,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from ..engines.backends import FORMATS
 from ..errors import InvalidRequestError, ModelNotFoundError
 from .layout import check_registered_path, check_relative_path
 
@@ -28,7 +37,16 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$"
 _SHA256 = r"^[0-9a-f]{64}$"
 
 Device = Literal["cpu", "gpu", "npu"]
-ModelFormat = Literal["gguf", "onnx"]
+
+
+def _registered_format(value: str) -> str:
+    if value not in FORMATS:
+        raise ValueError(f"unknown model format '{value}' (registered: {', '.join(FORMATS)})")
+    return value
+
+
+ModelFormat = Annotated[str, AfterValidator(_registered_format)]
+"""A format some engine backend is registered for (engines/backends.py)."""
 
 
 def _plain_name(value: str) -> str:

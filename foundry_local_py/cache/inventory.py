@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..engines.backends import FORMATS
 from ..errors import ConflictError, FoundryError, ModelNotFoundError
 from .catalog import (
     Catalog,
@@ -206,7 +207,7 @@ def fallback_variant(store: ModelStore, model: CatalogModel) -> Variant:
     """
 
     def rank(v: Variant) -> tuple[int, int, int]:
-        return (0 if v.device == "cpu" else 1, 0 if v.format == "gguf" else 1, model.variants.index(v))
+        return (0 if v.device == "cpu" else 1, FORMATS.index(v.format), model.variants.index(v))
 
     ordered = sorted(model.variants, key=rank)
     for variant in ordered:
@@ -348,35 +349,12 @@ def _verify_variant(
     progress: ProgressCallback | None,
 ) -> VerifyResult | None:
     source = variant.source
-    if isinstance(source, LocalSource):
+    if isinstance(source, (LocalSource, PackageSource)):
         if not store.is_available(model, variant):
             return None
-        try:
-            check_local_model(Path(source.path), variant.format)
-        except FoundryError as exc:
-            return VerifyResult(model.alias, variant.id, "corrupt", exc.message)
-        return VerifyResult(model.alias, variant.id, "ok", "registered")
-
-    if isinstance(source, PackageSource):
-        if not store.is_available(model, variant):
-            return None
-        path = store.resolve(model, variant, verify=False)
-        if not path.is_file():  # parts installed, not concatenated yet: resolve() assembles+verifies
-            return VerifyResult(model.alias, variant.id, "ok", "installed; assembled on first use")
-        if path.stat().st_size == source.size and sha256_file(path) == source.sha256:
-            return VerifyResult(model.alias, variant.id, "ok")
-        if len(source.parts) == 1:
-            return VerifyResult(
-                model.alias, variant.id, "corrupt", f"reinstall the '{source.distribution}' package"
-            )
-        if not repair:
-            return VerifyResult(model.alias, variant.id, "corrupt", "the assembled model file is damaged")
-        path.unlink(missing_ok=True)
-        try:
-            store.resolve(model, variant)  # re-assembles from the package parts
-        except FoundryError as exc:
-            return VerifyResult(model.alias, variant.id, "corrupt", exc.message)
-        return VerifyResult(model.alias, variant.id, "repaired", "re-assembled from its package")
+        if isinstance(source, LocalSource):
+            return _verify_local(model, variant, source)
+        return _verify_package(store, model, variant, source, repair=repair)
 
     folder = store.variant_dir(model, variant)
     manifest = read_manifest(folder)
@@ -402,6 +380,36 @@ def _verify_variant(
         detail = exc.message if isinstance(exc, FoundryError) else "its builder is not installed"
         return VerifyResult(model.alias, variant.id, "removed", f"{_describe(bad)}; repair failed: {detail}")
     return VerifyResult(model.alias, variant.id, "repaired", _describe(bad))
+
+
+def _verify_local(model: CatalogModel, variant: Variant, source: LocalSource) -> VerifyResult:
+    try:
+        check_local_model(Path(source.path), variant.format)
+    except FoundryError as exc:
+        return VerifyResult(model.alias, variant.id, "corrupt", exc.message)
+    return VerifyResult(model.alias, variant.id, "ok", "registered")
+
+
+def _verify_package(
+    store: ModelStore, model: CatalogModel, variant: Variant, source: PackageSource, *, repair: bool
+) -> VerifyResult:
+    path = store.resolve(model, variant, verify=False)
+    if not path.is_file():  # parts installed, not concatenated yet: resolve() assembles+verifies
+        return VerifyResult(model.alias, variant.id, "ok", "installed; assembled on first use")
+    if path.stat().st_size == source.size and sha256_file(path) == source.sha256:
+        return VerifyResult(model.alias, variant.id, "ok")
+    if len(source.parts) == 1:
+        return VerifyResult(
+            model.alias, variant.id, "corrupt", f"reinstall the '{source.distribution}' package"
+        )
+    if not repair:
+        return VerifyResult(model.alias, variant.id, "corrupt", "the assembled model file is damaged")
+    path.unlink(missing_ok=True)
+    try:
+        store.resolve(model, variant)  # re-assembles from the package parts
+    except FoundryError as exc:
+        return VerifyResult(model.alias, variant.id, "corrupt", exc.message)
+    return VerifyResult(model.alias, variant.id, "repaired", "re-assembled from its package")
 
 
 def _bad_files(folder: Path, manifest: Manifest) -> list[str]:

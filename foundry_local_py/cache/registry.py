@@ -16,6 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 from pydantic import ValidationError
 
+from ..engines.backends import detect_format
 from ..errors import ConflictError, InvalidRequestError, UnsafePathError
 from .catalog import (
     Catalog,
@@ -26,21 +27,9 @@ from .catalog import (
     user_catalog_path,
 )
 from .layout import check_registered_path
-from .store import GGUF_MAGIC, check_local_model
+from .store import check_local_model
 
 LOCAL_PUBLISHER = "local"
-
-
-def detect_format(path: Path) -> ModelFormat:
-    """``gguf`` for a file starting with the GGUF magic, ``onnx`` for a GenAI folder."""
-    if path.is_file():
-        with path.open("rb") as f:
-            if f.read(4) == GGUF_MAGIC:
-                return "gguf"
-        raise InvalidRequestError("the file is not a GGUF model (bad magic bytes)")
-    if path.is_dir() and (path / "genai_config.json").is_file():
-        return "onnx"
-    raise InvalidRequestError("expected a GGUF file or an ONNX GenAI folder (with genai_config.json)")
 
 
 def check_alias(alias: str) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from ..engines.backends import backend_for
 from ..errors import IntegrityError, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from .catalog import (
     CatalogModel,
@@ -36,13 +37,12 @@ from .catalog import (
     PackageSource,
     Variant,
 )
-from .layout import check_no_escaping_symlinks, check_registered_path, ensure_within, safe_join
+from .layout import check_registered_path, ensure_within, safe_join
 from .manifest import MANIFEST_NAME, Fidelity, Manifest, read_manifest
 
 HASH_CHUNK = 4 * 1024 * 1024
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
-GGUF_MAGIC = b"GGUF"
 
 
 def sha256_file(path: Path) -> str:
@@ -54,23 +54,12 @@ def sha256_file(path: Path) -> str:
 
 
 def check_local_model(path: Path, fmt: str) -> None:
-    """A registered model must look like its format: a GGUF file, or an ONNX GenAI folder.
+    """A registered model must look like its format (its backend says how).
 
     Symlinks are followed for the path itself (the user chose it) but a folder must not hold
     links that lead outside it.
     """
-    if fmt == "gguf":
-        if not path.is_file():
-            raise InvalidRequestError("a GGUF model must be a file")
-        with path.open("rb") as f:
-            if f.read(4) != GGUF_MAGIC:
-                raise InvalidRequestError("the file is not a GGUF model (bad magic bytes)")
-    else:
-        if not path.is_dir():
-            raise InvalidRequestError("an ONNX model must be a folder")
-        if not (path / "genai_config.json").is_file():
-            raise InvalidRequestError("an ONNX model folder needs a genai_config.json")
-        check_no_escaping_symlinks(path)
+    backend_for(fmt).check_files(path)
 
 
 class ModelStore:

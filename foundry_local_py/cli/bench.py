@@ -27,6 +27,8 @@ def bench(  # noqa: PLR0917 - one parameter per flag
     pairs: Annotated[int, typer.Option(help="Single-stream vs ceiling rounds (alternating)")] = 6,
     unique_prompts: Annotated[bool, typer.Option(
         "--unique-prompts", help="Make every prompt new (no prompt-cache hits across requests)")] = False,
+    baseline: Annotated[Path | None, typer.Option(
+        help="Another checkout of this project to bench in the same run (before/after)")] = None,
     engines: Annotated[bool, typer.Option("--engines", help="Compare the model's local variants "
                                           "(llama.cpp vs ONNX) in-process instead")] = False,
 ) -> None:
@@ -42,5 +44,5 @@ def bench(  # noqa: PLR0917 - one parameter per flag
         concurrency=[int(c) for c in concurrency.split(",") if c.strip()], max_tokens=max_tokens,
         vs_peer=vs_peer, ceiling=not no_ceiling, n_threads=n_threads or physical_cores(),
         api_key=api_key, json_path=json_out, server_args=server_arg or [], pairs=pairs,
-        api=api, unique_prompts=unique_prompts,
+        api=api, unique_prompts=unique_prompts, baseline=baseline,
     ))

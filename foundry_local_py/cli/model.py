@@ -200,8 +200,10 @@ def register(  # noqa: PLR0917 - typer maps parameters to CLI arguments and opti
 ) -> None:
     """Register a local model file or folder under an alias (it stays where it is)."""
     with cli_errors():
-        if fmt not in (None, "gguf", "onnx"):
-            raise typer.BadParameter("--format must be gguf or onnx")
+        from ..engines.backends import FORMATS
+
+        if fmt is not None and fmt not in FORMATS:
+            raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
         ctx = load_context()
         if "\x00" in str(path):
             from ..errors import UnsafePathError
@@ -212,7 +214,7 @@ def register(  # noqa: PLR0917 - typer maps parameters to CLI arguments and opti
             ctx.settings.cache_dir,
             resolved,
             alias,
-            fmt=fmt,  # type: ignore[arg-type]
+            fmt=fmt,
             catalog=ctx.catalog,
             context_length=context_length,
             chat=not completion_only,

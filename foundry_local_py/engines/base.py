@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from .backends import Capabilities
+
 ConstraintKind = Literal["json_object", "json_schema"]
 
 
@@ -102,11 +104,10 @@ class EngineInfo:
     n_ctx_train: int
     n_vocab: int
     max_batch: int
-    supports_constraints: bool
-    supports_logprobs: bool
+    capabilities: Capabilities
+    """What this loaded model honours (its backend's record, narrowed by the model itself)."""
     has_chat_template: bool
     n_threads: int | None = None
-    supports_embeddings: bool = False
     n_embd: int | None = None
 
 
@@ -126,11 +127,17 @@ class BatchRunner(Protocol):
     def step(self) -> Sequence[TokenOutput | SequenceFailure]:
         """Advance every active sequence by at most one token (prefill included)."""
 
-    def active(self) -> int:
-        """Number of sequences in the runner."""
-
     def close(self) -> None:
         """Free the runner's resources."""
+
+
+@runtime_checkable
+class ReportsKvUsage(Protocol):
+    """A runner that can say how full its KV cache is (optional; read by the scheduler)."""
+
+    def kv_usage(self) -> float:
+        """KV cache held by running sequences / the runner's capacity (0 to 1). Cheap: the
+        scheduler reads it once per step, on its worker thread."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,7 @@ class Engine(Protocol):
         """Called once, on the thread that will make every later call to the runner."""
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        """L2-normalised, mean-pooled embeddings (engines with ``info.supports_embeddings``)."""
+        """L2-normalised, mean-pooled embeddings (engines whose capabilities include embeddings).
+        Inputs were checked against the context by the caller."""
 
     def close(self) -> None: ...

@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 from llama_cpp import llama_grammar
 
 from ..errors import ContextLengthExceededError, EngineError, InvalidRequestError, ModelLoadError
+from .backends import LLAMA_CPP
 from .base import (
     ChatTemplateSpec,
     Constraint,
@@ -66,12 +67,45 @@ def _init_backend() -> None:
         llama_cpp.llama_backend_init()
 
 
+def kv_bytes_per_token(path: Path) -> tuple[int, int]:
+    """(KV cache bytes one token takes in every layer at f16, training context) of a GGUF file,
+    from its metadata, read by a vocab-only load (no weights are read)."""
+    _init_backend()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise ModelLoadError("the model file could not be loaded (corrupt, truncated or unsupported)")
+    try:
+        arch = _meta(model, "general.architecture") or ""
+
+        def meta_int(key: str, default: int) -> int:
+            value = _meta(model, f"{arch}.{key}")
+            return int(value) if value and value.isdigit() else default
+
+        n_layer = meta_int("block_count", 0)
+        n_embd = meta_int("embedding_length", 0)
+        n_head = max(1, meta_int("attention.head_count", 1))
+        n_head_kv = meta_int("attention.head_count_kv", n_head)
+        k_len = meta_int("attention.key_length", n_embd // n_head)
+        v_len = meta_int("attention.value_length", n_embd // n_head)
+        n_ctx_train = meta_int("context_length", LLAMA_CPP.default_context)
+        return n_layer * n_head_kv * (k_len + v_len) * 2, n_ctx_train
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def _meta(model: Any, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+
 @dataclass
 class LlamaCppOptions:
     n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     n_ctx: int | None = None
-    """Per-sequence context. None: the model's training context capped at ``default_ctx_cap``."""
-    default_ctx_cap: int = 4096
+    """Per-sequence context. None: the model's training context capped at the backend's default."""
     max_batch: int = 4
     n_gpu_layers: int = 0
     flash_attn: bool = True
@@ -95,7 +129,7 @@ class LlamaCppEngine:
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
-        n_ctx = opts.n_ctx or min(n_ctx_train, opts.default_ctx_cap)
+        n_ctx = opts.n_ctx or min(n_ctx_train, LLAMA_CPP.default_context)
         gpu = opts.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
         self.metadata = self._read_metadata()
         self._template = self._read_template()
@@ -108,11 +142,10 @@ class LlamaCppEngine:
             n_ctx_train=n_ctx_train,
             n_vocab=self.n_vocab,
             max_batch=opts.max_batch,
-            supports_constraints=True,
-            supports_logprobs=True,
+            capabilities=replace(LLAMA_CPP.capabilities,
+                                 embeddings=not llama_cpp.llama_model_has_encoder(model)),
             has_chat_template=self._template is not None,
             n_threads=opts.n_threads,
-            supports_embeddings=not llama_cpp.llama_model_has_encoder(model),
             n_embd=llama_cpp.llama_model_n_embd(model),
         )
         self._closed = False
@@ -190,9 +223,6 @@ class LlamaCppEngine:
     def is_eog(self, token: int) -> bool:
         return token in self._eog
 
-    def add_bos(self) -> bool:
-        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
-
     def validate_constraint(self, constraint: Constraint) -> None:
         grammar = constraint_to_gbnf(constraint)
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
@@ -211,11 +241,8 @@ class LlamaCppEngine:
         (it holds one sequence), and run beside the decode loop rather than inside it.
         """
         n_ctx = self.info.n_ctx
-        for toks in inputs:
-            if len(toks) > n_ctx:
-                raise ContextLengthExceededError(
-                    f"This model's maximum context length is {n_ctx} tokens, but an input has "
-                    f"{len(toks)} tokens.", param="input")
+        if any(len(toks) > n_ctx for toks in inputs):  # the caller validated them
+            raise EngineError("an embedding input is longer than the context")
         with self._embed_lock:
             if self._embed_ctx is None:
                 cparams = llama_cpp.llama_context_default_params()
@@ -358,20 +385,19 @@ class _LlamaRunner:
 
     # --- protocol -----------------------------------------------------------------------
 
-    def active(self) -> int:
-        return len(self._by_request)
+    def kv_usage(self) -> float:
+        """Tokens in the KV streams of running sequences / the context's cells (n_ctx x slots).
+
+        An idle slot's cells (its last sequence, kept for prefix reuse) count as free: the next
+        request that takes the slot overwrites them, as vLLM counts evictable cached blocks."""
+        used = sum(len(s.cached) for s in self._by_request.values())
+        return used / (self.n_ctx_seq * self.max_batch)
 
     def add(self, request: GenerationRequest) -> int:
         """Start a sequence; returns how many prompt tokens came from the prefix cache."""
         prompt = request.prompt_tokens
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        if len(prompt) >= self.n_ctx_seq:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {self.n_ctx_seq} tokens, "
-                f"but the prompt has {len(prompt)} tokens.",
-                param="messages",
-            )
+        if not 0 < len(prompt) < self.n_ctx_seq:  # validation keeps such requests out
+            raise EngineError(f"a prompt of {len(prompt)} tokens does not fit this runner")
         # Per slot: how many prompt tokens its cache holds (never the last: its logits are needed).
         want = as_tokens(prompt)
         shared = {s.seq_id: min(common_prefix(as_tokens(s.cached), want), len(prompt) - 1)

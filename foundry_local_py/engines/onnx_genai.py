@@ -47,6 +47,7 @@ import numpy as np
 import onnxruntime_genai as og
 
 from ..errors import ContextLengthExceededError, EngineError, InvalidRequestError, ModelLoadError
+from .backends import ONNX_GENAI
 from .base import (
     ChatTemplateSpec,
     Constraint,
@@ -63,7 +64,7 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 """Largest JSON / template file read from a model folder (they are untrusted input)."""
 
 # Our short provider names -> (onnxruntime-genai's name for append_provider, ORT provider, device).
-PROVIDERS: dict[str, tuple[str | None, str, str]] = {
+OG_PROVIDERS: dict[str, tuple[str | None, str, str]] = {
     "cpu": (None, "CPUExecutionProvider", "cpu"),
     "cuda": ("cuda", "CUDAExecutionProvider", "gpu"),
     "dml": ("dml", "DmlExecutionProvider", "gpu"),
@@ -84,8 +85,7 @@ class OrtGenaiOptions:
     """'cpu', 'cuda', 'dml', 'webgpu', 'qnn' or 'openvino'."""
     max_batch: int = 4
     n_ctx: int | None = None
-    """Per-sequence context. None: the model's context length capped at ``default_ctx_cap``."""
-    default_ctx_cap: int = 4096
+    """Per-sequence context. None: the model's context length capped at the backend's default."""
     n_threads: int | None = None
     """intra-op threads of the decoder session. None: onnxruntime's default (the physical cores)."""
     provider_options: dict[str, str] = field(default_factory=dict)
@@ -183,10 +183,10 @@ class OrtGenaiEngine:
         if opts.max_batch < 1:
             raise ModelLoadError("max_batch must be at least 1")
         provider = opts.execution_provider.lower()
-        if provider not in PROVIDERS:
+        if provider not in OG_PROVIDERS:
             raise ModelLoadError(
                 f"unknown execution provider '{opts.execution_provider}' "
-                f"(known: {', '.join(sorted(PROVIDERS))})"
+                f"(known: {', '.join(sorted(OG_PROVIDERS))})"
             )
         genai_config = _read_json(path / "genai_config.json")
         if genai_config is None:
@@ -195,12 +195,12 @@ class OrtGenaiEngine:
         search_cfg = genai_config.get("search") or {}
         n_ctx_train = int(model_cfg.get("context_length") or search_cfg.get("max_length") or 2048)
         n_ctx = opts.n_ctx or min(n_ctx_train, int(search_cfg.get("max_length") or n_ctx_train),
-                                  opts.default_ctx_cap)
+                                  ONNX_GENAI.default_context)
         n_ctx = min(n_ctx, n_ctx_train)
         self.n_ctx = n_ctx
         self._dynamic = isinstance((genai_config.get("engine") or {}).get("dynamic_batching"), dict)
 
-        og_name, ort_name, device = PROVIDERS[provider]
+        og_name, ort_name, device = OG_PROVIDERS[provider]
         config = self._make_config(path, og_name, provider, n_ctx)
         try:
             self._model = og.Model(config)
@@ -237,8 +237,7 @@ class OrtGenaiEngine:
             n_ctx_train=n_ctx_train,
             n_vocab=self.n_vocab,
             max_batch=opts.max_batch,
-            supports_constraints=True,
-            supports_logprobs=False,
+            capabilities=ONNX_GENAI.capabilities,
             has_chat_template=self._template is not None,
             n_threads=opts.n_threads,
         )
@@ -371,27 +370,14 @@ class _Budget:
 def _budget(engine: OrtGenaiEngine, request: GenerationRequest) -> _Budget:
     prompt = request.prompt_tokens
     n_ctx = engine.n_ctx
-    if not prompt:
-        raise InvalidRequestError("the prompt is empty", param="prompt")
-    if len(prompt) >= n_ctx:
-        raise ContextLengthExceededError(
-            f"This model's maximum context length is {n_ctx} tokens, "
-            f"but the prompt has {len(prompt)} tokens.",
-            param="messages",
-        )
+    if not 0 < len(prompt) < n_ctx:  # validation keeps such requests out
+        raise EngineError(f"a prompt of {len(prompt)} tokens does not fit this runner")
     room = n_ctx - len(prompt)
     max_new = max(1, request.max_tokens)
     # The KV buffer is sized from the session; sliding-window models (Gemma 3) refuse one smaller
     # than their window, whatever the request needs.
     session = max(len(prompt) + min(max_new, room), min(engine.min_session, n_ctx))
     return _Budget(min(max_new, room), session, max_new > room)
-
-
-def _check_sampling(sp: SamplingParams) -> None:
-    if sp.logit_bias:
-        raise InvalidRequestError("logit_bias is not supported by the ONNX engine", param="logit_bias")
-    if sp.top_logprobs is not None:
-        raise InvalidRequestError("logprobs are not supported by the ONNX engine", param="logprobs")
 
 
 def _seed(sp: SamplingParams) -> int:
@@ -459,15 +445,19 @@ class _EngineRunner:
 
     # --- protocol -----------------------------------------------------------------------
 
-    def active(self) -> int:
-        return len(self._by_request) + self._solo.active()
+    def kv_usage(self) -> float:
+        """An estimate: onnxruntime-genai does not report its KV use. Each running request's KV
+        buffer is sized for its whole session (prompt + the tokens it may generate) when it
+        starts, so the reserved tokens over n_ctx x slots is what this returns (an upper bound on
+        the cells written so far)."""
+        reserved = sum(seq.budget.session for seq in self._by_request.values()) + self._solo.reserved()
+        return reserved / (self.owner.n_ctx * self.max_batch)
 
     def add(self, request: GenerationRequest) -> int:
         if request.request_id in self._by_request or self._solo.has(request.request_id):
             raise EngineError("duplicate request id")
         budget = _budget(self.owner, request)
         sp = request.sampling
-        _check_sampling(sp)
         if not self._continuous and sp.temperature > 0.0 and sp.seed is not None:
             # "A per-turn seed requires an Engine configured for dynamic batching"
             return self._solo.add(request)
@@ -642,12 +632,18 @@ class _GeneratorRunner:
     def has(self, request_id: str) -> bool:
         return request_id in self._seqs
 
+    def reserved(self) -> int:
+        """KV tokens the running generators were sized for."""
+        return sum(seq.budget.session for seq in self._seqs.values())
+
+    def kv_usage(self) -> float:
+        return self.reserved() / (self.owner.n_ctx * self.max_batch)
+
     def add(self, request: GenerationRequest) -> int:
         if request.request_id in self._seqs:
             raise EngineError("duplicate request id")
         budget = _budget(self.owner, request)
         sp = request.sampling
-        _check_sampling(sp)
         params = og.GeneratorParams(self.owner.model)
         search: dict[str, Any] = {"max_length": budget.session, "do_sample": sp.temperature > 0.0}
         if sp.temperature > 0.0:

@@ -307,8 +307,8 @@ def probe_model(fmt: str, path: Path, settings: Any, *, command: Sequence[str] |
 
 
 def _child(fmt: str, path: Path) -> None:
+    from .backends import EngineOptions, load_engine
     from .base import GenerationRequest, SamplingParams
-    from .factory import EngineOptions, load_engine
 
     engine = load_engine(fmt, path, EngineOptions(n_threads=1, max_batch=1, n_ctx=128))
     try:

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from .inventory import (
@@ -49,7 +50,7 @@ SUBPROCESS_TIMEOUT_S = 5.0
 MIB = 1024 * 1024
 
 # /proc/cpuinfo flag (x86 'flags', ARM 'Features') -> our feature name.
-_CPUINFO_FLAGS = {
+_CPUINFO_FLAGS = MappingProxyType({
     "avx": "avx",
     "avx2": "avx2",
     "fma": "fma",
@@ -66,10 +67,10 @@ _CPUINFO_FLAGS = {
     "asimddp": "dotprod",
     "i8mm": "i8mm",
     "sve": "sve",
-}
+})
 
 # llama_print_system_info() key -> our feature name.
-_LLAMA_FLAGS = {
+_LLAMA_FLAGS = MappingProxyType({
     "AVX": "avx",
     "AVX2": "avx2",
     "FMA": "fma",
@@ -84,20 +85,20 @@ _LLAMA_FLAGS = {
     "DOTPROD": "dotprod",
     "MATMUL_INT8": "i8mm",
     "SVE": "sve",
-}
+})
 
 # macOS sysctl feature words (Intel Macs) -> our feature name.
-_SYSCTL_FLAGS = {
+_SYSCTL_FLAGS = MappingProxyType({
     "AVX1.0": "avx",
     "AVX2": "avx2",
     "FMA": "fma",
     "F16C": "f16c",
     "AVX512F": "avx512f",
     "AVX512VNNI": "avx512_vnni",
-}
+})
 
-_X86_VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
-_ARM_IMPLEMENTERS = {
+_X86_VENDORS = MappingProxyType({"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"})
+_ARM_IMPLEMENTERS = MappingProxyType({
     "0x41": "ARM",
     "0x42": "Broadcom",
     "0x48": "HiSilicon",
@@ -105,13 +106,13 @@ _ARM_IMPLEMENTERS = {
     "0x51": "Qualcomm",
     "0x61": "Apple",
     "0xc0": "Ampere",
-}
+})
 # Linux accel-subsystem drivers of NPUs.
-_ACCEL_DRIVERS = {
+_ACCEL_DRIVERS = MappingProxyType({
     "intel_vpu": ("intel", "Intel NPU"),
     "amdxdna": ("amd", "AMD XDNA NPU"),
     "qaic": ("qualcomm", "Qualcomm Cloud AI"),
-}
+})
 _ORT_DISTRIBUTIONS = (
     "onnxruntime",
     "onnxruntime-gpu",

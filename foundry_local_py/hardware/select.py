@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..cache.catalog import CatalogModel, ConvertSource, Variant
+from ..engines.backends import FORMATS, backend_for
 from ..errors import FoundryError, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from .inventory import GpuInfo, HardwareInventory
 from .providers import (
@@ -68,9 +69,9 @@ GPU_MEMORY_OVERHEAD = 1.2
 GPU_MEMORY_RESERVE_BYTES = 512 * 1024 * 1024
 """Kept free on the GPU for the runtime's own context and workspace."""
 MAX_REASONS_IN_ERROR = 4
-FORMAT_PREFERENCE = ("gguf", "onnx")
-"""Last tie-break before the name: the llama.cpp engine (continuous batching, grammar-constrained
-output, logprobs) over ONNX GenAI when both run on the same class of device."""
+FORMAT_PREFERENCE = FORMATS
+"""Last tie-break before the name: the backends' registration order (llama.cpp first: continuous
+batching, grammar-constrained output, logprobs) when both run on the same class of device."""
 
 
 class Considered(NamedTuple):
@@ -131,7 +132,7 @@ def engine_execution_provider(variant: Variant, run_ep: str | None = None) -> st
     """The short provider name the engine factory expects for ``variant`` (or for ``run_ep``)."""
     if run_ep is not None:
         return run_ep
-    if variant.device == "cpu" and variant.format == "gguf":
+    if variant.device == "cpu" and backend_for(variant.format).native_cpu:
         return "cpu"
     return short_ep(variant.execution_provider)
 
@@ -308,26 +309,9 @@ class _Context:
         runtime = self._runtime_problem(v)
         if runtime:
             return reject("runtime", runtime)
-        problems: list[str] = []
-        missing: list[str] = []  # providers this onnxruntime build lacks, reported in one phrase
-        missing_at = 0
-        run_ep = None
-        for candidate in candidates:
-            problem = (f"{full_ep(candidate)} failed to initialise earlier" if candidate in failed
-                       else self._provider_problem(v, candidate))
-            if problem is None:
-                run_ep = candidate
-                break
-            if v.format == "onnx" and not self.inventory.has_provider(full_ep(candidate)):
-                missing.append(full_ep(candidate))
-                if len(missing) > 1:
-                    continue
-                missing_at = len(problems)
-            problems.append(problem)
+        run_ep, problem = self._pick_provider(v, candidates, failed)
         if run_ep is None:
-            if len(missing) > 1:
-                problems[missing_at] += f" (nor {', '.join(missing[1:])}, which it could also run on)"
-            return reject("excluded" if failed else "runtime", "; ".join(dict.fromkeys(problems)))
+            return reject("excluded" if failed else "runtime", problem)
         memory_note, memory_problem = self._memory(v, run_ep)
         if memory_problem:
             return reject("memory", memory_problem)
@@ -345,45 +329,33 @@ class _Context:
             parts.append("fidelity degraded, used because it was requested by id")
         return _Verdict(v, True, "; ".join(parts), "ok", dclass, cached, requantized, run_ep)
 
+    def _pick_provider(self, v: Variant, candidates: list[str], failed: list[str]) -> tuple[str | None, str]:
+        """(the first candidate provider ``v`` can run on here, or None; why none could)."""
+        problems: list[str] = []
+        missing: list[str] = []  # providers this onnxruntime build lacks, reported in one phrase
+        missing_at = 0
+        for candidate in candidates:
+            problem = (f"{full_ep(candidate)} failed to initialise earlier" if candidate in failed
+                       else self._provider_problem(v, candidate))
+            if problem is None:
+                return candidate, ""
+            if (backend_for(v.format).onnxruntime_providers
+                    and not self.inventory.has_provider(full_ep(candidate))):
+                missing.append(full_ep(candidate))
+                if len(missing) > 1:
+                    continue
+                missing_at = len(problems)
+            problems.append(problem)
+        if len(missing) > 1:
+            problems[missing_at] += f" (nor {', '.join(missing[1:])}, which it could also run on)"
+        return None, "; ".join(dict.fromkeys(problems))
+
     def _runtime_problem(self, v: Variant) -> str | None:
-        inv = self.inventory
-        if v.format == "gguf" and not inv.llama_cpp.installed:
-            return "llama-cpp-python is not installed"
-        if v.format == "onnx" and not inv.onnxruntime.genai_installed:
-            return "onnxruntime-genai is not installed (install foundry-local-py[onnx] or [cuda])"
-        if v.format == "onnx" and not inv.onnxruntime.installed:
-            return "onnxruntime is not installed"
-        return None
+        return backend_for(v.format).runtime_problem(self.inventory)
 
     def _provider_problem(self, v: Variant, ep: str) -> str | None:
         """Why ``v`` cannot run on provider ``ep`` here, or None when it can."""
-        inv = self.inventory
-        if v.format == "gguf":
-            if v.device == "cpu":
-                return None
-            if v.device == "npu":
-                return "llama.cpp cannot run on an NPU"
-            if not inv.llama_cpp.gpu_offload:
-                return "this llama-cpp-python build has no GPU offload"
-            if ep in NVIDIA_PROVIDERS and not inv.nvidia_gpus:
-                return "no NVIDIA GPU was found"
-            if ep == "metal" and not inv.metal:
-                return "Metal is not available"
-            if not inv.gpus and not inv.metal:
-                return "no GPU was found"
-            return None
-        name = full_ep(ep)
-        if not inv.has_provider(name):
-            build = inv.onnxruntime.distribution or "onnxruntime"
-            return f"{name} is not available in this {build} build"
-        check = inv.onnxruntime.check(name)
-        if check is not None and check.ok is False:
-            return f"{name} failed a test session ({check.detail})"
-        if ep in NVIDIA_PROVIDERS and not inv.nvidia_gpus:
-            return f"{name} is installed but no NVIDIA GPU was found"
-        if v.device == "npu" and not inv.npus:
-            return f"{name} is installed but no NPU was found"
-        return None
+        return backend_for(v.format).provider_problem(self.inventory, v.device, ep)
 
     def _gpus_for(self, ep: str) -> tuple[GpuInfo, ...]:
         inv = self.inventory
@@ -413,7 +385,7 @@ class _Context:
 
 def _candidate_eps(v: Variant, declared: str) -> list[str]:
     """Providers ``v`` could run on, its own first."""
-    if v.format == "onnx" and v.device == "gpu" and declared in PORTABLE_GPU_PROVIDERS:
+    if backend_for(v.format).portable_gpu and v.device == "gpu" and declared in PORTABLE_GPU_PROVIDERS:
         return [declared, *(e for e in PORTABLE_GPU_PROVIDERS if e != declared)]
     return [declared]
 

@@ -19,6 +19,10 @@ class ModelCard(BaseModel):
     engine: str | None = None
     device: str | None = None
     context_length: int | None = None
+    endpoints: list[str] = Field(default_factory=list)
+    """The generating routes this model answers (a chat model: chat completions, completions, the
+    Responses API, the Messages API; a base model: completions), and /v1/embeddings when its
+    engine produces embeddings."""
 
 
 class ModelList(BaseModel):

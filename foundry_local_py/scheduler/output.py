@@ -61,6 +61,8 @@ class OutputProcessor:
         self._unreported_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
+        self.stop_sequence: str | None = None
+        """The stop string the text was cut at, if it was (Anthropic's ``stop_sequence``)."""
 
     def feed(self, out: TokenOutput) -> Delta | None:
         """Process one token; return the text that is safe to send now (or None)."""
@@ -87,11 +89,14 @@ class OutputProcessor:
         return self._emit(len(self._pending) - hold)
 
     def _find_stop(self) -> int | None:
+        """Where the first stop string starts in the pending text (the text ends there: the
+        string is remembered as ``stop_sequence``)."""
         best: int | None = None
         for s in self.stop:
             i = self._pending.find(s)
             if i >= 0 and (best is None or i < best):
                 best = i
+                self.stop_sequence = s
         return best
 
     def _stop_prefix_len(self) -> int:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..engines.base import BatchRunner, Engine, GenerationRequest, SequenceFailure
+from ..engines.base import BatchRunner, Engine, GenerationRequest, ReportsKvUsage, SequenceFailure
 from ..errors import (
     EngineError,
     FoundryError,
@@ -59,6 +59,8 @@ class FinishEvent:
     t: float
     cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
+    stop_sequence: str | None = None
+    """The stop string that ended the text, when one did."""
 
 
 @dataclass
@@ -77,6 +79,9 @@ class SchedulerStats:
     max_batch: int
     completed: int
     cancelled: int
+    kv_usage: float = 0.0
+    """KV cache held by running sequences / capacity, as of the last step (0 when the runner
+    does not report it)."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,8 @@ class _Sequence:
 
     def finish_event(self, reason: Literal["stop", "length", "cancelled"], t: float) -> FinishEvent:
         return FinishEvent(reason, len(self.handle.request.prompt_tokens),
-                           self.processor.completion_tokens, t, self.cached_tokens)
+                           self.processor.completion_tokens, t, self.cached_tokens,
+                           self.processor.stop_sequence)
 
 
 class Scheduler:
@@ -183,6 +189,7 @@ class Scheduler:
         self._abort: ServiceUnavailableError | None = None
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._last_activity = time.monotonic()
+        self._kv_usage = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -235,6 +242,7 @@ class Scheduler:
                 max_batch=self._max_batch,
                 completed=self._completed,
                 cancelled=self._cancelled,
+                kv_usage=self._kv_usage,
             )
 
     def slots(self) -> SlotsSnapshot:
@@ -290,9 +298,12 @@ class Scheduler:
                 log.exception("closing the runner of %s failed", self.name)
 
     def _loop(self, runner: BatchRunner) -> None:
+        kv_reader = runner if isinstance(runner, ReportsKvUsage) else None
         while True:
             admitted: list[RequestHandle] = []
+            kv_usage = _kv_usage(kv_reader)
             with self._cond:
+                self._kv_usage = kv_usage
                 self._expire_waiting()
                 while not self._active and not self._waiting:
                     if self._stopping:
@@ -415,6 +426,16 @@ class Scheduler:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
                 loop.call_soon_threadsafe(_deliver, items)
+
+
+def _kv_usage(runner: ReportsKvUsage | None) -> float:
+    if runner is None:
+        return 0.0
+    try:
+        return min(1.0, max(0.0, float(runner.kv_usage())))
+    except Exception:
+        log.exception("reading the KV cache usage failed")
+        return 0.0
 
 
 def _deliver(items: list[tuple[RequestHandle, StreamEvent]]) -> None:

@@ -12,12 +12,14 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from ..config import Settings
 from ..errors import FoundryError
+from ..protocol.anthropic import CountTokensRequest, MessagesRequest
 from ..protocol.chat import ChatCompletionRequest
 from ..protocol.completions import CompletionRequest
 from ..protocol.embeddings import EmbeddingRequest
+from ..protocol.responses import InputTokensRequest, ResponseCreateRequest
 from .errors import install_error_handlers
 from .middleware import GuardMiddleware
-from .routes import foundry, health, openai
+from .routes import foundry, health, messages, openai, responses
 from .state import Core, EngineLoader, build_core
 from .transport import Drain
 
@@ -62,6 +64,7 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
                 with contextlib.suppress(asyncio.CancelledError):
                     await preload
             await core.manager.close()
+            core.responses.close()
 
     app = FastAPI(
         title="foundry-local-py",
@@ -74,6 +77,8 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(foundry.router)
+    app.include_router(responses.router)
+    app.include_router(messages.router)
     # Body schemas for the docs (the routes parse bodies themselves, whatever the content type).
     app.openapi_schema = None
     _register_schemas(app)
@@ -97,7 +102,8 @@ def _register_schemas(app: FastAPI) -> None:
             return app.openapi_schema
         schema = original()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest):
+        for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponseCreateRequest,
+                      InputTokensRequest, MessagesRequest, CountTokensRequest):
             components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(components[model.__name__].pop("$defs", {}))
         app.openapi_schema = schema

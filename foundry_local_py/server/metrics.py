@@ -1,13 +1,22 @@
 """Prometheus metrics. One registry per app (no module-level state), exposed at /metrics.
 
 Counters and histograms are updated by the serving code as requests complete; gauges that
-describe current state (running / waiting requests, loaded models, cache size) are read from the
-model manager at scrape time by a custom collector, so they can never drift.
+describe current state (running / waiting requests, queue capacity, slots, KV cache use, loaded
+models, cache size) are read from the model manager at scrape time by a custom collector, so they
+can never drift.
+
+The metric names are an interface: the Grafana dashboard, the alert rules, the autoscaler's
+prometheus-adapter rules and the inference gateway's endpoint picker (``deploy/``) name them, and
+``tests/ops`` checks each of those names against a live exposition.
+
+Counters carry no ``_created`` series: nothing in ``deploy/`` reads them and they double the
+number of series per counter. They are filtered per registry (:class:`_Registry`), not with
+``prometheus_client.disable_created_metrics()``, which flips a process-wide switch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -20,6 +29,9 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 _LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_DECLARED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+_DECLARED_STATUSES = ("200", "429", "500", "503")
+"""The request series every loaded model has from the start (the alerts' errors and 429s)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,26 @@ class ModelState:
     device: str
     running: int
     waiting: int
+    max_queue: int = 0
+    """Requests that may wait for a slot before new ones get 429."""
+    slots: int = 0
+    """Sequences decoded together (``parallel``)."""
+    kv_usage: float = 0.0
+    """Fraction of the KV cache held by running sequences (0..1)."""
+
+
+class _Registry(CollectorRegistry):
+    """A registry whose exposition leaves out the ``_created`` samples of counters and histograms."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            if len(samples) == len(metric.samples):
+                yield metric
+                continue
+            copy = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            copy.samples = samples
+            yield copy
 
 
 class _StateCollector(Collector):
@@ -45,15 +77,34 @@ class _StateCollector(Collector):
         waiting = GaugeMetricFamily(
             f"{PREFIX}_requests_waiting", "Requests queued for a decode slot.", labels=["model"]
         )
+        capacity = GaugeMetricFamily(
+            f"{PREFIX}_queue_capacity",
+            "Requests that may wait for a slot (max_queue); beyond it new requests get 429.",
+            labels=["model"],
+        )
+        slots = GaugeMetricFamily(
+            f"{PREFIX}_batch_slots", "Sequences decoded together (parallel slots).", labels=["model"]
+        )
+        kv = GaugeMetricFamily(
+            f"{PREFIX}_kv_cache_usage_ratio",
+            "KV cache used by running requests: tokens held / capacity (0 to 1).",
+            labels=["model"],
+        )
         loaded = GaugeMetricFamily(
             f"{PREFIX}_model_loaded", "1 for each loaded model.", labels=["model", "engine", "device"]
         )
         for s in self._states():
             running.add_metric([s.model], s.running)
             waiting.add_metric([s.model], s.waiting)
+            capacity.add_metric([s.model], s.max_queue)
+            slots.add_metric([s.model], s.slots)
+            kv.add_metric([s.model], s.kv_usage)
             loaded.add_metric([s.model, s.engine, s.device], 1)
         yield running
         yield waiting
+        yield capacity
+        yield slots
+        yield kv
         yield loaded
         size = self._cache_size()
         if size is not None:
@@ -64,7 +115,7 @@ class _StateCollector(Collector):
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry: CollectorRegistry = _Registry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests", "Requests served.", ["model", "endpoint", "status"], registry=r
@@ -103,11 +154,32 @@ class Metrics:
         self.download_bytes = Counter(
             f"{PREFIX}_download_bytes", "Bytes downloaded from model hubs.", ["model"], registry=r
         )
+        self.model_load_failures = Counter(
+            f"{PREFIX}_model_load_failures",
+            "Times a model variant failed to load (each failed attempt, fallbacks included).",
+            ["model"], registry=r,
+        )
+        self.internal_errors = Counter(
+            f"{PREFIX}_internal_errors",
+            "Unexpected exceptions caught (and survived) by background tasks.", ["component"], registry=r,
+        )
         self.provider_fallbacks = Counter(
             f"{PREFIX}_provider_fallbacks",
             "Times a variant failed to initialise and the next one was used.",
             ["model", "failed_variant"], registry=r,
         )
+
+    def declare_model(self, model: str) -> None:
+        """Create ``model``'s counters at 0 when it loads, so that the first error or 429 after a
+        start moves a series Prometheus already has (a series born at 1 shows no increase, and an
+        alert on its rate would miss it)."""
+        for endpoint in _DECLARED_ENDPOINTS:
+            for status in _DECLARED_STATUSES:
+                self.requests.labels(model, endpoint, status)
+        self.prompt_tokens.labels(model)
+        self.generation_tokens.labels(model)
+        self.prefix_cache_queries.labels(model)
+        self.prefix_cache_hits.labels(model)
 
     def prefix_cache_observer(self, model: str) -> Callable[[int, int], None]:
         """The scheduler's ``on_admit`` hook for ``model``: counts prefix-cache lookups and hits."""

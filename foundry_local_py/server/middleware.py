@@ -3,13 +3,18 @@
 - a request id on every request (``X-Request-Id``; quoted in 5xx bodies);
 - Host header allowlist (DNS-rebinding guard; IP literals always pass);
 - optional API key on every route except exactly ``GET /health``, whatever the path spelling
-  (``//v1/...`` is not ``/health`` and so needs the key), compared in constant time;
+  (``//v1/...`` is not ``/health`` and so needs the key), compared in constant time; sent as
+  ``Authorization: Bearer <key>`` (OpenAI's clients) or ``x-api-key: <key>`` (Anthropic's);
 - a request-body limit: 413 before parsing, from Content-Length or while reading;
 - a deadline on reading the body (a client that never finishes it gets 408 and is disconnected;
   the headers' deadline is the HTTP protocol's, server/transport.py);
 - a header limit (total bytes and count): 431, whatever the HTTP parser itself allows;
 - while draining for shutdown: 503 to every new request but ``/health``; requests in flight are
   counted so the server knows when the drain is over.
+
+Refusals are rendered by server/errors.py in the route's error shape (Anthropic's on
+``/v1/messages*``, where the request id also goes out as ``request-id``, the header Anthropic's
+clients read).
 """
 
 from __future__ import annotations
@@ -23,14 +28,16 @@ import secrets
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
+from .errors import ErrorStyle, error_body, error_style
 from .transport import Drain
 
 PUBLIC_PATHS = frozenset({"/health"})
 
 
-def _error(status: int, message: str, type_: str, code: str, extra_headers: list[tuple[bytes, bytes]]
-           ) -> tuple[dict[str, object], bytes]:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+def _error(status: int, message: str, type_: str, code: str, *, extra_headers: list[tuple[bytes, bytes]],
+           style: ErrorStyle) -> tuple[dict[str, object], bytes]:
+    status, payload = error_body(status, message, type_=type_, code=code, style=style)
+    body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *extra_headers]
     return {"type": "http.response.start", "status": status, "headers": headers}, body
@@ -72,50 +79,57 @@ class GuardMiddleware:
             return
         request_id = "req_" + secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
-        rid_header = (b"x-request-id", request_id.encode())
+        style = error_style(scope["path"])
+        rid_headers = [(b"x-request-id", request_id.encode())]
+        if style == "anthropic":
+            rid_headers.append((b"request-id", request_id.encode()))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), rid_header]}
+                message = {**message, "headers": [*message.get("headers", []), *rid_headers]}
             await send(message)
+
+        async def reject(status: int, message: str, type_: str, code: str, *,
+                         extra: list[tuple[bytes, bytes]] | None = None) -> None:
+            start, body = _error(status, message, type_, code, extra_headers=extra or [], style=style)
+            await send_with_id(start)
+            await send_with_id({"type": "http.response.body", "body": body, "more_body": False})
 
         raw_headers = scope.get("headers", [])
         if len(raw_headers) > self.max_header_count or sum(
             len(k) + len(v) for k, v in raw_headers
         ) > self.max_header_bytes:
-            await self._reject(send_with_id, 431, "Request header fields too large.",
-                               "invalid_request_error", "headers_too_large")
+            await reject(431, "Request header fields too large.", "invalid_request_error",
+                         "headers_too_large")
             return
         headers = {k.lower(): v for k, v in raw_headers}
         host = headers.get(b"host", b"").decode("latin-1")
         if host and not _host_allowed(host, self.allowed_hosts):
             # 403 as Ollama answers a foreign Host: the request is understood and refused.
-            await self._reject(send_with_id, 403, "Invalid Host header.", "invalid_request_error",
-                               "invalid_host")
+            await reject(403, "Invalid Host header.", "invalid_request_error", "invalid_host")
             return
         public = scope["path"] in PUBLIC_PATHS
         if (self.api_key is not None and not public and not self._authorized(headers)
                 and not self._cors_preflight(scope, headers)):
-            await self._reject(send_with_id, 401, "Incorrect or missing API key. Send 'Authorization: "
-                               "Bearer <key>'.", "authentication_error", "invalid_api_key",
-                               extra=[(b"www-authenticate", b"Bearer")])
+            await reject(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>' "
+                         "or 'x-api-key: <key>'.", "authentication_error", "invalid_api_key",
+                         extra=[(b"www-authenticate", b"Bearer")])
             return
         length = headers.get(b"content-length")
+        too_large = f"Request body too large (limit {self.max_body} bytes)."
         if length is not None:
             try:
                 too_big = int(length) > self.max_body
             except ValueError:
-                await self._reject(send_with_id, 400, "Invalid Content-Length.", "invalid_request_error",
-                                   "invalid_request")
+                await reject(400, "Invalid Content-Length.", "invalid_request_error", "invalid_request")
                 return
             if too_big:
-                await self._reject_too_large(send_with_id)
+                await reject(413, too_large, "invalid_request_error", "request_too_large")
                 return
         if self.drain.draining and not public:
-            await self._reject(send_with_id, 503, "The server is shutting down; retry on another "
-                               f"instance or after it restarts (request id {request_id}).",
-                               "server_error", "shutting_down",
-                               extra=[(b"retry-after", b"5"), (b"connection", b"close")])
+            await reject(503, "The server is shutting down; retry on another instance or after it "
+                         f"restarts (request id {request_id}).", "server_error", "shutting_down",
+                         extra=[(b"retry-after", b"5"), (b"connection", b"close")])
             return
         if public:
             await self.app(scope, receive, send_with_id)
@@ -126,12 +140,12 @@ class GuardMiddleware:
                 try:
                     body, more = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
                 except asyncio.TimeoutError:
-                    await self._reject(send_with_id, 408, f"The request body was not received within "
-                                       f"{self.body_timeout_s:g} s.", "invalid_request_error",
-                                       "request_timeout", extra=[(b"connection", b"close")])
+                    await reject(408, f"The request body was not received within {self.body_timeout_s:g} s.",
+                                 "invalid_request_error", "request_timeout",
+                                 extra=[(b"connection", b"close")])
                     return
                 if more:
-                    await self._reject_too_large(send_with_id)
+                    await reject(413, too_large, "invalid_request_error", "request_too_large")
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_with_id)
@@ -139,12 +153,17 @@ class GuardMiddleware:
             self.drain.active -= 1
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        """``Authorization: Bearer <key>`` or ``x-api-key: <key>``; either, compared in constant time."""
         assert self.api_key is not None
-        auth = headers.get(b"authorization", b"")
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        return hmac.compare_digest(token.strip(), self.api_key)
+        ok = False
+        auth = headers.get(b"authorization")
+        if auth is not None:
+            scheme, _, token = auth.partition(b" ")
+            ok = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        x_key = headers.get(b"x-api-key")
+        if x_key is not None:
+            ok = hmac.compare_digest(x_key.strip(), self.api_key) or ok
+        return ok
 
     def _cors_preflight(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
         """A CORS preflight from an allowed origin (browsers never send credentials with one):
@@ -170,17 +189,6 @@ class GuardMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), False
-
-    async def _reject_too_large(self, send: Send) -> None:
-        await self._reject(send, 413, f"Request body too large (limit {self.max_body} bytes).",
-                           "invalid_request_error", "request_too_large")
-
-    @staticmethod
-    async def _reject(send: Send, status: int, message: str, type_: str, code: str, *,
-                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        start, body = _error(status, message, type_, code, extra or [])
-        await send(start)
-        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

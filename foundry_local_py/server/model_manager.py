@@ -1,11 +1,20 @@
-"""Loaded models: on-demand loading, per-model schedulers, idle TTL and LRU eviction.
+"""Loaded models: one owner for every load and eviction decision.
 
 A request names a model by alias (``smollm2-135m``) or variant id. The manager resolves it through
-the catalog, picks a variant for this machine, finds its files in the cache, loads the engine in a
-worker thread and starts its scheduler. Concurrent requests for a model that is loading wait for
-the same load. Models idle longer than their TTL are unloaded; when more than
-``max_loaded_models`` (or more than the memory budget) would be loaded, the least recently used
-idle model goes first.
+the catalog, picks a variant for this machine (off the event loop: probes may run ``nvidia-smi``),
+finds its files in the cache, and loads the engine in a worker thread with its scheduler.
+Concurrent requests for a model that is loading wait for the same load.
+
+Capacity (``max_loaded_models`` and the memory budget) is decided by one owner, as Ollama's
+scheduler does: every decision to admit a load or evict a model happens under one lock, and a load
+in progress holds a *reservation* counted like a loaded model, so two concurrent loads cannot both
+pass the check. A model's memory is its backend's estimate: weights + the KV cache of every slot +
+the host prompt cache. When a load does not fit, the least recently used idle model is unloaded;
+when every loaded model is busy, the load waits (up to ``queue_timeout_s``, then 503) for one to go
+idle. A lone model that exceeds the budget by itself still loads (there is nothing to evict).
+
+Models idle longer than their TTL are unloaded by a reaper task that survives any exception
+(logged and counted in ``foundry_local_internal_errors_total``).
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import anyio
 import psutil
@@ -23,11 +34,17 @@ import psutil
 from ..cache.catalog import Catalog, CatalogModel, Variant
 from ..cache.store import ModelStore
 from ..config import Settings, auto_parallel
-from ..engines.base import Engine
+from ..engines.backends import EngineOptions, MemoryEstimate, backend_for, load_engine
+from ..engines.base import ChatTemplateSpec, Engine
 from ..engines.chat_format import ChatFormatter
-from ..engines.factory import EngineOptions, load_engine
 from ..engines.probe import probe_model
-from ..errors import ConflictError, FoundryError, ModelLoadError, ModelNotFoundError
+from ..errors import (
+    ConflictError,
+    FoundryError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
 from ..hardware import (
     HardwareInventory,
     VariantChoice,
@@ -41,9 +58,9 @@ from .metrics import Metrics, ModelState
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CTX_CAP = 4096
-"""Context per sequence unless --n-ctx says otherwise (Ollama's default): the KV cache holds
-``max_batch`` of these, so the model's full 8k-32k would cost hundreds of MB per small model."""
+ROOM_POLL_S = 0.1
+"""How often a load waiting for room looks again (models go idle without telling the manager)."""
+
 
 @dataclass
 class LoadedModel:
@@ -54,8 +71,8 @@ class LoadedModel:
     formatter: ChatFormatter | None
     ttl_s: float | None
     """Idle time before unloading; None: kept until unloaded explicitly."""
+    memory: MemoryEstimate
     engine_ep: str = "cpu"
-    loaded_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
 
@@ -66,10 +83,6 @@ class LoadedModel:
     @property
     def id(self) -> str:
         return self.variant.id
-
-    @property
-    def size_bytes(self) -> int:
-        return self.variant.size_bytes or 0
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -88,7 +101,7 @@ class ModelManager:
         metrics: Metrics,
         inventory: HardwareInventory,
         *,
-        engine_loader: Callable[..., Engine] = load_engine,
+        engine_loader: Callable[[str, Path, EngineOptions], Engine] = load_engine,
     ) -> None:
         self.settings = settings
         self.inventory = inventory
@@ -98,9 +111,11 @@ class ModelManager:
         self._engine_loader = engine_loader
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
-        self._lock = asyncio.Lock()
+        self._reserved: dict[str, int] = {}
+        """Variant id -> bytes, for loads admitted but not finished (counted like loaded models)."""
+        self._owner = asyncio.Lock()
+        """Held for every admission and eviction decision (never while an engine loads)."""
         self._reaper: asyncio.Task[None] | None = None
-        self.load_errors: dict[str, str] = {}
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -122,13 +137,17 @@ class ModelManager:
         for lm in list(self._loaded.values()):
             stats = lm.scheduler.stats()
             yield ModelState(lm.alias, lm.engine.info.engine, lm.engine.info.device, stats.running,
-                             stats.waiting)
+                             stats.waiting, lm.scheduler.max_queue, stats.max_batch, stats.kv_usage)
+
+    def memory_budget(self) -> int:
+        return self.settings.memory_budget_bytes or int(psutil.virtual_memory().total * 0.75)
 
     def choose(
         self, model: CatalogModel, *, ep: str | None = None, requested: str | None = None,
         exclude: Collection[str] = frozenset(),
     ) -> VariantChoice:
-        """The variant this machine runs for ``model``, among those already in the cache."""
+        """The variant this machine runs for ``model``, among those already in the cache.
+        Blocking (probes GPU memory): call it off the event loop."""
         cached = cached_variant_ids(model, self.store)
         if not cached:
             raise ModelNotFoundError(
@@ -166,7 +185,9 @@ class ModelManager:
         self, name: str, *, ep: str | None = None, ttl: float | None = None, pinned: bool = False
     ) -> LoadedModel:
         model, fixed = self.catalog.lookup(name)
-        choice = self.choose(model, ep=ep, requested=fixed.id if fixed else None)
+        requested = fixed.id if fixed else None
+        choice = await anyio.to_thread.run_sync(
+            lambda: self.choose(model, ep=ep, requested=requested))
         variant = choice.require()
         if variant.id in self._loaded:
             lm = self._loaded[variant.id]
@@ -199,6 +220,14 @@ class ModelManager:
         if ttl is not None:
             lm.ttl_s = ttl or None
 
+    def _options(self, model: CatalogModel, variant: Variant, engine_ep: str) -> EngineOptions:
+        s = self.settings
+        n_ctx = s.n_ctx or min(variant.context_length or model.context_length,
+                               backend_for(variant.format).default_context)
+        return EngineOptions(n_threads=s.n_threads, max_batch=s.parallel or auto_parallel(n_ctx),
+                             n_ctx=n_ctx, execution_provider=engine_ep,
+                             prompt_cache_bytes=s.prompt_cache_mib << 20)
+
     async def _load_new(
         self, model: CatalogModel, choice: VariantChoice, ttl: float | None, *, allow_fallback: bool,
         ep: str | None,
@@ -208,50 +237,51 @@ class ModelManager:
         while True:
             variant = choice.require()
             engine_ep = choice.engine_ep or "cpu"
-            await self._make_room(variant)
-            started = time.monotonic()
+            options = self._options(model, variant, engine_ep)
             try:
-                lm = await anyio.to_thread.run_sync(self._load_sync, model, variant, engine_ep, ttl)
+                path = self.store.resolve(model, variant)
+                memory = await anyio.to_thread.run_sync(_estimate, variant, path, options)
+                await self._reserve(variant, memory.total)
+                try:
+                    started = time.monotonic()
+                    engine, scheduler, formatter = await anyio.to_thread.run_sync(
+                        self._load_sync, model, variant, path, options)
+                finally:
+                    self._reserved.pop(variant.id, None)
             except ModelLoadError as exc:
-                self.load_errors[variant.id] = exc.message
+                self.metrics.model_load_failures.labels(model.alias).inc()
                 failed.add(variant.id)
                 if not allow_fallback:
                     raise
                 try:
-                    choice = self.choose(model, ep=ep, exclude=failed)
+                    choice = await anyio.to_thread.run_sync(
+                        lambda: self.choose(model, ep=ep, exclude=failed))
                 except FoundryError:
                     raise exc from None
                 log.warning("variant %s (%s) failed to load: %s; falling back to %s",
                             variant.id, engine_ep, exc.message, choice.variant_id)
                 self.metrics.provider_fallbacks.labels(model.alias, variant.id).inc()
                 continue
-            lm.load_seconds = time.monotonic() - started
+            lm = LoadedModel(model, variant, engine, scheduler, formatter, ttl, memory, engine_ep,
+                             load_seconds=time.monotonic() - started)
             self.metrics.model_load_seconds.labels(model.alias).observe(lm.load_seconds)
-            self.load_errors.pop(variant.id, None)
-            async with self._lock:
-                self._loaded[variant.id] = lm
-            log.info("loaded %s (%s on %s, %s) in %.2fs: %s", variant.id, lm.engine.info.engine,
-                     lm.engine.info.device, engine_ep, lm.load_seconds, choice.reason)
+            self.metrics.declare_model(model.alias)
+            self._loaded[variant.id] = lm
+            log.info("loaded %s (%s on %s, %s) in %.2fs, ~%d MiB: %s", variant.id, lm.engine.info.engine,
+                     lm.engine.info.device, engine_ep, lm.load_seconds, memory.total >> 20, choice.reason)
             return lm
 
     def _load_sync(
-        self, model: CatalogModel, variant: Variant, engine_ep: str, ttl: float | None
-    ) -> LoadedModel:
-        path = self.store.resolve(model, variant)
+        self, model: CatalogModel, variant: Variant, path: Path, options: EngineOptions,
+    ) -> tuple[Engine, Scheduler, ChatFormatter | None]:
+        """The engine, its running scheduler and the chat formatter (worker thread)."""
         s = self.settings
         if self._engine_loader is load_engine:  # crash isolation (engines/probe.py); fakes skip it
             probe_model(variant.format, path, s)
-        n_ctx = s.n_ctx or min(variant.context_length or model.context_length, DEFAULT_CTX_CAP)
-        engine = self._engine_loader(
-            variant.format, path,
-            EngineOptions(n_threads=s.n_threads, max_batch=s.parallel or auto_parallel(n_ctx), n_ctx=n_ctx,
-                          execution_provider=engine_ep, prompt_cache_bytes=s.prompt_cache_mib << 20),
-        )
+        engine = self._engine_loader(variant.format, path, options)
         try:
             spec = engine.chat_template()
             if variant.chat_template:
-                from ..engines.base import ChatTemplateSpec
-
                 spec = ChatTemplateSpec(variant.chat_template, spec.bos_token if spec else "",
                                         spec.eos_token if spec else "")
             formatter = (
@@ -266,23 +296,45 @@ class ModelManager:
         except BaseException:
             engine.close()
             raise
-        return LoadedModel(model, variant, engine, scheduler, formatter, ttl, engine_ep)
+        return engine, scheduler, formatter
 
-    async def _make_room(self, incoming: Variant) -> None:
-        budget = self.settings.memory_budget_bytes or int(psutil.virtual_memory().total * 0.75)
+    async def _reserve(self, incoming: Variant, need: int) -> None:
+        """Admit a load of ``need`` bytes: evict idle models (least recently used first) until it
+        fits both bounds, or wait for a busy one to go idle. Holds a reservation on return."""
+        deadline = time.monotonic() + self.settings.queue_timeout_s
         while True:
-            models = self.loaded()
-            used = sum(m.size_bytes for m in models)
-            over_count = len(models) >= self.settings.max_loaded_models
-            over_mem = used + (incoming.size_bytes or 0) > budget
-            if not models or not (over_count or over_mem):
-                return
-            idle = [m for m in models if not m.busy()]
-            if not idle:
-                return  # everything is busy: load anyway rather than fail requests
-            victim = min(idle, key=lambda m: m.last_used)
-            log.info("evicting %s (least recently used)", victim.id)
-            await self._unload(victim)
+            async with self._owner:
+                victim = self._admit_or_pick_victim(incoming, need)
+                if victim is None:
+                    return
+                if victim != "wait":
+                    log.info("evicting %s (least recently used) to load %s", victim.id, incoming.id)
+                    del self._loaded[victim.id]
+            if victim != "wait":
+                await anyio.to_thread.run_sync(self._close_sync, victim, True)
+                continue
+            if time.monotonic() > deadline:
+                raise ServiceUnavailableError(
+                    f"no room to load model '{incoming.id}': every loaded model is busy "
+                    f"(max_loaded_models={self.settings.max_loaded_models})")
+            await asyncio.sleep(ROOM_POLL_S)
+
+    def _admit_or_pick_victim(self, incoming: Variant, need: int) -> LoadedModel | Literal["wait"] | None:
+        """Under the owner lock: None (reserved: it fits), a model to evict, or "wait" (no room
+        now, and every loaded model is busy)."""
+        models = self.loaded()
+        count = len(models) + len(self._reserved)
+        used = sum(m.memory.total for m in models) + sum(self._reserved.values())
+        if count == 0 or (count < self.settings.max_loaded_models and used + need <= self.memory_budget()):
+            if count == 0 and need > self.memory_budget():
+                log.warning("%s needs ~%d MiB, over the memory budget of %d MiB; loading it anyway "
+                            "(nothing else is loaded)", incoming.id, need >> 20, self.memory_budget() >> 20)
+            self._reserved[incoming.id] = need
+            return None
+        idle = [m for m in models if not m.busy()]
+        if not idle:
+            return "wait"
+        return min(idle, key=lambda m: m.last_used)
 
     # --- unloading --------------------------------------------------------------------------
 
@@ -303,17 +355,17 @@ class ModelManager:
         return len(models)
 
     async def _unload(self, lm: LoadedModel, *, drain: bool = True) -> None:
-        async with self._lock:
+        async with self._owner:
             if self._loaded.get(lm.id) is not lm:
                 return
             del self._loaded[lm.id]
         await anyio.to_thread.run_sync(self._close_sync, lm, drain)
-        log.info("unloaded %s", lm.id)
 
     @staticmethod
     def _close_sync(lm: LoadedModel, drain: bool) -> None:
         lm.scheduler.stop(drain=drain, timeout=60)
         lm.engine.close()
+        log.info("unloaded %s", lm.id)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -323,16 +375,24 @@ class ModelManager:
     async def _reap_idle(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for lm in self.loaded():
-                idle_since = lm.scheduler.idle_since
-                if lm.ttl_s is None or idle_since is None:
-                    continue
-                if now - max(idle_since, lm.last_used) > lm.ttl_s:
-                    try:
-                        await self._unload(lm)
-                    except FoundryError:
-                        log.exception("unloading idle model %s failed", lm.id)
+            try:
+                await self.reap_once(time.monotonic())
+            except Exception:
+                # Whatever went wrong, idle models must keep being unloaded: log, count, go on.
+                log.exception("the idle-model reaper failed; it keeps running")
+                self.metrics.internal_errors.labels("reaper").inc()
+
+    async def reap_once(self, now: float) -> int:
+        """Unload every model idle past its TTL; returns how many were unloaded."""
+        n = 0
+        for lm in self.loaded():
+            idle_since = lm.scheduler.idle_since
+            if lm.ttl_s is None or idle_since is None:
+                continue
+            if now - max(idle_since, lm.last_used) > lm.ttl_s:
+                await self._unload(lm)
+                n += 1
+        return n
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -341,3 +401,16 @@ class ModelManager:
                 await self._reaper
         for lm in self.loaded():
             await self._unload(lm, drain=True)
+
+
+def _estimate(variant: Variant, path: Path, options: EngineOptions) -> MemoryEstimate:
+    """The backend's estimate; an unreadable header falls back to the size on disk (the load
+    itself then says what is wrong with the file)."""
+    try:
+        return backend_for(variant.format).estimate_memory(path, options)
+    except Exception as exc:
+        log.debug("memory estimate for %s failed (%s); using its size on disk", variant.id, exc)
+        size = path.stat().st_size if path.is_file() else sum(
+            p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return MemoryEstimate(size, 0, options.prompt_cache_bytes)
+

@@ -1,150 +1,157 @@
-"""What chat and text completions share: validation against the model, sampling, admission,
-metrics recording, and the SSE framing rules.
+"""The serving core: what every generating API shares, written once.
+
+A route hands its request and its API's :class:`FrontEnd` class to :meth:`ServingCore.handle`,
+which owns everything that is not the API's wire format:
+
+- parsing the body into the API's wire type, counting the request in ``requests_total`` whatever
+  happens (4xx, 5xx, 499 for a client that left, 500s from bugs included);
+- the generation core (:mod:`..generation`): the front-end's asks are checked, the model resolved
+  (loaded on demand), validated once against its capabilities and context, and queued;
+- the first event awaited before a response starts (early failures become real HTTP errors), and
+  a client that disconnects cancels its sequences (499);
+- metrics per request (:class:`Recorder`: TTFT, inter-token latency, tokens, status);
+- SSE framing and the non-streaming collection of the output.
+
+A front-end turns its wire request into asks and events into wire bytes; nothing else. A new API
+is a protocol module, a front-end module and a route (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-import anyio
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Send
 
 from ..config import Settings
-from ..engines.base import Constraint, GenerationRequest, SamplingParams
-from ..errors import ContextLengthExceededError, FoundryError, InvalidRequestError
-from ..protocol.common import SamplingFields
+from ..errors import FoundryError
+from ..generation import Generation, GenerationAsk, Generator
 from ..scheduler.output import LogprobEntry
-from ..scheduler.scheduler import ErrorEvent, FinishEvent, RequestHandle, StreamEvent, TextEvent
+from ..scheduler.scheduler import ErrorEvent, FinishEvent, StreamEvent, TextEvent
+from .body import parse_body
+from .errors import request_id
 from .metrics import Metrics
-from .model_manager import LoadedModel, ModelManager
 
 DRAIN_GRACE_S = 30.0
 T = TypeVar("T")
+W = TypeVar("W", bound=BaseModel)
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
+# --- what a front-end sees ----------------------------------------------------------------------
 
 
 @dataclass
-class ServingContext:
-    settings: Settings
-    manager: ModelManager
-    metrics: Metrics
+class ChoiceOutcome:
+    """One choice's output so far: its text, logprobs and (once done) its finish event."""
+
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    finish: FinishEvent | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.finish.reason if self.finish and self.finish.reason != "cancelled" else None
 
 
-# --- validation ---------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    choices: list[ChoiceOutcome]
+
+    def usage(self) -> tuple[int, int, int]:
+        """(prompt, completion, cached) tokens over every finished choice."""
+        done = [c.finish for c in self.choices if c.finish]
+        return (sum(f.prompt_tokens for f in done), sum(f.completion_tokens for f in done),
+                sum(f.cached_tokens for f in done))
 
 
-def check_common(fields: SamplingFields, settings: Settings, *, top_logprobs: int | None) -> None:
-    """Model-independent checks: cheap, before any model is touched."""
-    if fields.n != 1:
-        raise InvalidRequestError("only n=1 is supported", param="n")
-    stops = fields.stop_list()
-    if len(stops) > settings.max_stop_sequences:
-        raise InvalidRequestError(
-            f"at most {settings.max_stop_sequences} stop sequences are allowed", param="stop"
-        )
-    if any(len(s) > settings.max_stop_length for s in stops):
-        raise InvalidRequestError(
-            f"stop sequences must be at most {settings.max_stop_length} characters", param="stop"
-        )
-    if fields.logit_bias and len(fields.logit_bias) > settings.max_logit_bias:
-        raise InvalidRequestError(
-            f"logit_bias may have at most {settings.max_logit_bias} entries", param="logit_bias"
-        )
-    if top_logprobs is not None and top_logprobs > settings.max_top_logprobs:
-        raise InvalidRequestError(
-            f"top_logprobs must be at most {settings.max_top_logprobs}", param="top_logprobs"
-        )
+class FrontEnd(ABC, Generic[W]):
+    """One API's wire format. Subclass per API; one instance per admitted request.
+
+    Class side: the endpoint (metrics label), the wire request type, the id prefix and
+    :meth:`asks`, which turns a wire request into generation asks (one per choice). Instance
+    side: events -> stream bytes, or the finished outcome -> a JSON body.
+    """
+
+    endpoint: ClassVar[str]
+    request_type: ClassVar[type[BaseModel]]
+    id_prefix: ClassVar[str]
+
+    def __init__(self, req: W, gen: Generation) -> None:
+        self.req = req
+        self.gen = gen
+        self.created = int(time.time())
+
+    @classmethod
+    async def prepare(cls, req: Any) -> W:
+        """Async work between parsing and :meth:`asks` (e.g. reading stored state the request
+        refers to); returns what the front-end works on (by default the parsed request)."""
+        return req
+
+    @classmethod
+    @abstractmethod
+    def asks(cls, req: W, settings: Settings) -> list[GenerationAsk]:
+        """The generation asks for ``req``; raise InvalidRequestError for what this API refuses."""
+
+    @classmethod
+    def streams(cls, req: W) -> bool:
+        return bool(getattr(req, "stream", False))
+
+    # --- streaming (every method returns framed bytes) --------------------------------------
+
+    def stream_start(self) -> list[bytes]:
+        return []
+
+    @abstractmethod
+    def stream_text(self, index: int, event: TextEvent) -> bytes | None:
+        """The hot path: one event per generated token or few."""
+
+    def stream_finish(self, index: int, event: FinishEvent, choice: ChoiceOutcome) -> list[bytes]:
+        return []
+
+    def stream_end(self, outcome: Outcome) -> list[bytes]:
+        return []
+
+    def stream_error(self, error: FoundryError, request_id: str) -> list[bytes]:
+        """A failure after the stream started: the same body as an HTTP error would carry."""
+        return [frame(error_json(error, request_id)), DONE]
+
+    # --- non-streaming ----------------------------------------------------------------------
+
+    @abstractmethod
+    def body(self, outcome: Outcome) -> dict[str, Any]:
+        """The JSON response for a finished request."""
+
+    async def completed(self, outcome: Outcome) -> None:
+        """Called once a request finished normally (stream or not), before it is counted."""
 
 
-def sampling_params(
-    fields: SamplingFields,
-    lm: LoadedModel,
-    *,
-    top_logprobs: int | None,
-    constraint: Constraint | None,
-) -> SamplingParams:
-    n_vocab = lm.engine.info.n_vocab
-    bias: dict[int, float] = {}
-    for key, value in (fields.logit_bias or {}).items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise InvalidRequestError(f"logit_bias key '{key[:32]}' is not a token id",
-                                      param="logit_bias") from None
-        if not 0 <= tok < n_vocab:
-            raise InvalidRequestError(f"logit_bias token id {tok} is outside the vocabulary",
-                                      param="logit_bias")
-        bias[tok] = value
-    defaults = SamplingParams()
-    if constraint is not None and not lm.engine.info.supports_constraints:
-        raise InvalidRequestError(
-            f"model '{lm.alias}' ({lm.engine.info.engine}) does not support structured output",
-            param="response_format",
-        )
-    if top_logprobs is not None and not lm.engine.info.supports_logprobs:
-        raise InvalidRequestError(f"model '{lm.alias}' does not return logprobs", param="logprobs")
-    return SamplingParams(
-        temperature=defaults.temperature if fields.temperature is None else fields.temperature,
-        top_p=defaults.top_p if fields.top_p is None else fields.top_p,
-        top_k=defaults.top_k if fields.top_k is None else fields.top_k,
-        min_p=defaults.min_p if fields.min_p is None else fields.min_p,
-        seed=fields.effective_seed(),
-        presence_penalty=fields.presence_penalty or 0.0,
-        frequency_penalty=fields.frequency_penalty or 0.0,
-        repeat_penalty=fields.repeat_penalty if fields.repeat_penalty is not None else 1.0,
-        logit_bias=bias,
-        top_logprobs=top_logprobs,
-        constraint=constraint,
-    )
-
-
-def completion_budget(lm: LoadedModel, n_prompt: int, requested: int | None, param: str) -> int:
-    """max_tokens for the engine; 400 ``context_length_exceeded`` quoting both counts."""
-    n_ctx = lm.engine.info.n_ctx
-    if n_prompt >= n_ctx:
-        raise ContextLengthExceededError(
-            f"This model's maximum context length is {n_ctx} tokens. However, your prompt has "
-            f"{n_prompt} tokens. Please reduce the length of the prompt.",
-            param=param,
-        )
-    if requested is not None and n_prompt + requested > n_ctx:
-        raise ContextLengthExceededError(
-            f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-            f"{n_prompt + requested} tokens ({n_prompt} in the prompt, {requested} for the "
-            f"completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens",
-        )
-    return requested if requested is not None else n_ctx - n_prompt
-
-
-async def validate_constraint(lm: LoadedModel, constraint: Constraint | None) -> None:
-    if constraint is not None:
-        await anyio.to_thread.run_sync(lm.engine.validate_constraint, constraint)
-
-
-# --- running ------------------------------------------------------------------------------------
+# --- metrics per request ----------------------------------------------------------------------
 
 
 @dataclass
 class Recorder:
-    """Per-request metrics: TTFT, inter-token latency, tokens, status, duration."""
+    """Per-request metrics: TTFT, inter-token latency, tokens, status, duration.
+
+    Created before the body is parsed, so every request is counted (model label '' until the
+    model is known)."""
 
     metrics: Metrics
-    model: str
     endpoint: str
     request_id: str = "unknown"
+    model: str = ""
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -154,9 +161,10 @@ class Recorder:
     finished: bool = False
     done: bool = False
 
-    def __post_init__(self) -> None:
+    def bind(self, model: str) -> None:
+        self.model = model
         # Bound once: labels() takes a lock and builds a key, too slow to do per token.
-        self._itl = self.metrics.itl.labels(self.model)
+        self._itl = self.metrics.itl.labels(model)
 
     def on_text(self, event: TextEvent) -> None:
         if event.n_tokens <= 0:
@@ -192,10 +200,125 @@ class Recorder:
             time.monotonic() - self.started
         )
 
+    def close_for(self, exc: BaseException) -> None:
+        """Count a request that ended with ``exc``: its status, or 500 for anything unexpected."""
+        if isinstance(exc, FoundryError):
+            self.close(str(exc.status))
+        elif isinstance(exc, Exception):
+            self.close("500")
+        else:  # cancelled: the client went away
+            self.close("499")
 
-def submit(lm: LoadedModel, gen: GenerationRequest) -> RequestHandle:
-    lm.touch()
-    return lm.scheduler.submit(gen)
+
+# --- the core ---------------------------------------------------------------------------------
+
+
+class ServingCore:
+    def __init__(self, settings: Settings, generator: Generator, metrics: Metrics) -> None:
+        self.settings = settings
+        self.generator = generator
+        self.metrics = metrics
+
+    def recorder(self, raw: Request, endpoint: str) -> Recorder:
+        return Recorder(self.metrics, endpoint, request_id(raw))
+
+    async def handle(self, raw: Request, api: type[FrontEnd[Any]]) -> Response:
+        recorder = self.recorder(raw, api.endpoint)
+        try:
+            req = await api.prepare(await parse_body(raw, api.request_type))
+            asks = api.asks(req, self.settings)
+            model = await self.generator.resolve(asks)
+            recorder.bind(model.alias)
+            gen = await self.generator.start(model, asks, api.id_prefix)
+            recorder.prompt_tokens = gen.prompt_tokens
+            try:
+                firsts = await unless_disconnected(gen.first_events(), raw)
+                if firsts is None:
+                    gen.cancel()
+                    recorder.close("499")
+                    return Response(status_code=499)
+                for event in firsts:
+                    if isinstance(event, ErrorEvent):
+                        raise event.error
+                fe = api(req, gen)
+                if api.streams(req):
+                    return sse(self._stream(fe, gen, firsts, recorder))
+                outcome = await unless_disconnected(_collect(gen, firsts, recorder), raw)
+                if outcome is None:
+                    gen.cancel()
+                    recorder.close("499")
+                    return Response(status_code=499)
+                body = fe.body(outcome)
+                await fe.completed(outcome)
+            except BaseException:
+                gen.cancel()
+                raise
+            recorder.close("200")
+            return JSONResponse(body)
+        except BaseException as exc:
+            recorder.close_for(exc)
+            raise
+
+    async def _stream(
+        self, fe: FrontEnd[Any], gen: Generation, firsts: list[StreamEvent], recorder: Recorder
+    ) -> AsyncIterator[bytes]:
+        status = "499"  # until the stream ends normally
+        choices = [ChoiceOutcome() for _ in gen.handles]
+        try:
+            for chunk in fe.stream_start():
+                yield chunk
+            async for index, event in gen.events(firsts):
+                choice = choices[index]
+                if isinstance(event, TextEvent):
+                    recorder.on_text(event)
+                    choice.parts.append(event.text)
+                    if event.logprobs:
+                        choice.logprobs.extend(event.logprobs)
+                    out = fe.stream_text(index, event)
+                    if out:
+                        yield out
+                elif isinstance(event, FinishEvent):
+                    if event.reason == "cancelled":
+                        return
+                    recorder.on_finish(event.prompt_tokens, event.completion_tokens)
+                    choice.finish = event
+                    for chunk in fe.stream_finish(index, event, choice):
+                        yield chunk
+                else:
+                    status = str(event.error.status)
+                    for chunk in fe.stream_error(event.error, recorder.request_id):
+                        yield chunk
+                    return
+            outcome = Outcome(choices)
+            tail = fe.stream_end(outcome)
+            # Before the last event goes out: a client that reads it and at once refers to what
+            # completed() stored (a stored response's id) must find it.
+            await fe.completed(outcome)
+            for chunk in tail:
+                yield chunk
+            status = "200"
+        except Exception:
+            status = "500"
+            raise
+        finally:
+            gen.cancel()
+            recorder.close(status)
+
+
+async def _collect(gen: Generation, firsts: list[StreamEvent], recorder: Recorder) -> Outcome:
+    choices = [ChoiceOutcome() for _ in gen.handles]
+    async for index, event in gen.events(firsts):
+        choice = choices[index]
+        if isinstance(event, TextEvent):
+            recorder.on_text(event)
+            choice.parts.append(event.text)
+            choice.logprobs.extend(event.logprobs)
+        elif isinstance(event, FinishEvent):
+            recorder.on_finish(event.prompt_tokens, event.completion_tokens)
+            choice.finish = event
+        else:
+            raise event.error
+    return Outcome(choices)
 
 
 async def unless_disconnected(aw: Awaitable[T], request: Request) -> T | None:
@@ -216,20 +339,6 @@ async def unless_disconnected(aw: Awaitable[T], request: Request) -> T | None:
     return None
 
 
-async def first_event(handle: RequestHandle, request: Request) -> StreamEvent | None:
-    """Wait for the first event, or return None if the client went away meanwhile.
-
-    Pulling the first event before the response starts turns early failures (queue timeout,
-    engine errors) into real HTTP errors instead of broken streams.
-    """
-    event = await unless_disconnected(handle.queue.get(), request)
-    if event is None:
-        handle.cancel()
-    elif isinstance(event, (FinishEvent, ErrorEvent)):
-        handle.done = True
-    return event
-
-
 async def _wait_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -237,17 +346,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def events_after(first: StreamEvent, handle: RequestHandle) -> AsyncIterator[StreamEvent]:
-    yield first
-    if isinstance(first, (FinishEvent, ErrorEvent)):
-        return
-    async for event in handle.events():
-        yield event
-
-
-def raise_if_error(event: StreamEvent | None) -> None:
-    if isinstance(event, ErrorEvent):
-        raise event.error
+# --- SSE framing --------------------------------------------------------------------------------
 
 
 class _EventSource(EventSourceResponse):
@@ -269,9 +368,10 @@ def sse(stream: AsyncIterator[bytes]) -> EventSourceResponse:
     )
 
 
-def frame(data: str) -> bytes:
-    """One SSE event: ``data: <json>`` and a blank line."""
-    return b"data: " + data.encode() + b"\n\n"
+def frame(data: str, event: str | None = None) -> bytes:
+    """One SSE event: an optional ``event: <name>`` line, ``data: <json>`` and a blank line."""
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + data.encode() + b"\n\n"
 
 
 DONE = frame("[DONE]")
@@ -300,25 +400,9 @@ def chunk_json(model: BaseModel) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
-def error_chunk(error: FoundryError, request_id: str) -> str:
+def error_json(error: FoundryError, request_id: str) -> str:
     """An error after the stream started: the same body as an HTTP error (5xx quote the request id)."""
     body = error.to_dict()
     if error.status >= 500:
         body["error"]["message"] = f"{error.message} (request id {request_id})"
     return json.dumps(body)
-
-
-
-def chat_logprobs(entries: list[LogprobEntry]) -> list[dict[str, object]]:
-    return [
-        {
-            "token": e.token,
-            "logprob": e.logprob,
-            "bytes": list(e.raw),
-            "top_logprobs": [
-                {"token": t, "logprob": lp, "bytes": list(raw)} for (t, raw, lp) in e.top
-            ],
-        }
-        for e in entries
-    ]
-

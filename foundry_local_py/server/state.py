@@ -13,13 +13,13 @@ from ..cache.inventory import cache_size_bytes
 from ..cache.store import ModelStore
 from ..config import Settings
 from ..engines.base import Engine
+from ..generation import Generator
 from ..hardware import HardwareInventory, detect_hardware
+from .adapters.responses import ResponsesFrontEnd
 from .metrics import Metrics
 from .model_manager import ModelManager
-from .serving import ServingContext
-from .serving_chat import ChatServing
-from .serving_completions import CompletionServing
-from .serving_embeddings import EmbeddingServing
+from .response_store import ResponseStore
+from .serving import ServingCore
 
 CACHE_SIZE_TTL_S = 30.0
 EngineLoader = Callable[..., Engine]
@@ -32,10 +32,13 @@ class Core:
     store: ModelStore
     metrics: Metrics
     manager: ModelManager
-    chat: ChatServing
-    completions: CompletionServing
-    embeddings: EmbeddingServing
+    generator: Generator
+    serving: ServingCore
     inventory: HardwareInventory
+    responses: ResponseStore
+    """Stored responses of the Responses API (SQLite in the cache folder)."""
+    responses_api: type[ResponsesFrontEnd]
+    """The Responses front-end, bound to that store."""
     preload_error: str | None = None
     preloading: bool = False
     base_url: str = field(default="")
@@ -56,9 +59,12 @@ def build_core(settings: Settings, *, engine_loader: EngineLoader | None = None)
     inventory = detect_hardware()
     manager = ModelManager(settings, catalog, store, metrics, inventory,
                            **({"engine_loader": engine_loader} if engine_loader else {}))
-    ctx = ServingContext(settings, manager, metrics)
-    core = Core(settings, catalog, store, metrics, manager, ChatServing(ctx), CompletionServing(ctx),
-                EmbeddingServing(ctx), inventory, base_url=f"http://{settings.host}:{settings.port}")
+    generator = Generator(manager, settings)
+    responses = ResponseStore.in_cache(settings.cache_dir, max_stored=settings.responses_max_stored,
+                                       max_age_s=settings.responses_max_age_s)
+    core = Core(settings, catalog, store, metrics, manager, generator,
+                ServingCore(settings, generator, metrics), inventory, responses,
+                ResponsesFrontEnd.bind(responses), base_url=f"http://{settings.host}:{settings.port}")
     metrics.attach_state(manager.states, core.cache_size)
     return core
 

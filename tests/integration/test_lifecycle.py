@@ -13,8 +13,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +255,28 @@ def test_lru_eviction_under_a_bound_of_one(bounded: ServerProcess) -> None:
     assert list(_loaded(bounded)) == [SMOL_ID]
     assert _complete(bounded, GEMMA).status_code == 200
     assert list(_loaded(bounded)) == [GEMMA_ID]
+
+
+def test_concurrent_loads_of_two_models_under_a_bound_of_one(bounded: ServerProcess) -> None:
+    """Requests for two models arrive together: both are served, and the one owner of loading
+    never has both in memory (its log shows an unload between any two loads)."""
+    assert _get(bounded, "/openai/unloadall").status_code == 200
+    start = len(bounded.log())
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(_chat, bounded)
+        b = pool.submit(_complete, bounded, GEMMA)
+        ra, rb = a.result(), b.result()
+    assert ra.status_code == 200, ra.text
+    assert rb.status_code == 200, rb.text
+    assert len(_loaded(bounded)) == 1
+    alive = peak = 0
+    for line in bounded.log()[start:].splitlines():
+        if re.search(r" loaded \S+ \(", line):
+            alive += 1
+        elif re.search(r" unloaded \S+", line):
+            alive -= 1
+        peak = max(peak, alive)
+    assert peak == 1, bounded.log()[start:]
 
 
 # --- unloading -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from foundry_local_py.engines.backends import Capabilities
 from foundry_local_py.engines.base import (
     ChatTemplateSpec,
     Constraint,
@@ -86,11 +87,12 @@ class FakeRunner:
                 out.append(TokenOutput(rid, 0, b"", end_of_generation=True))
         return out
 
-    def active(self) -> int:
-        return len(self._seqs)
-
     def close(self) -> None:
         self.engine.closed_runners += 1
+
+
+FAKE_CAPABILITIES = Capabilities(sampling=frozenset({"temperature", "top_p", "seed"}))
+"""The fake engine honours few sampling fields: the HTTP layer must refuse the others."""
 
 
 class FakeEngine:
@@ -111,8 +113,7 @@ class FakeEngine:
             n_ctx_train=n_ctx,
             n_vocab=256,
             max_batch=max_batch,
-            supports_constraints=False,
-            supports_logprobs=False,
+            capabilities=FAKE_CAPABILITIES,
             has_chat_template=chat,
         )
 

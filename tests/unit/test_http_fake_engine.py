@@ -4,7 +4,6 @@ load), plus guard settings (API key, CORS). The same routes run on the real mode
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,71 +13,14 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from foundry_local_py.config import Settings
-from foundry_local_py.engines.factory import EngineOptions
+from foundry_local_py.engines.backends import EngineOptions
 from foundry_local_py.server import middleware
 from foundry_local_py.server.app import create_app
-from tests.support.fake_engine import FakeEngine, Script
+from tests.support.fake_app import Loader, fake_settings, wait_health
+from tests.support.fake_engine import FakeEngine
 from tests.support.serving import Metrics, assert_openai_error, sse_json
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Loader:
-    """engine_loader for create_app: hands out FakeEngines sharing one script."""
-
-    def __init__(self) -> None:
-        self.script = Script()
-        self.engines: list[FakeEngine] = []
-        self.gate: threading.Event | None = None
-
-    def __call__(self, fmt: str, path: Path, options: EngineOptions) -> FakeEngine:
-        if self.gate is not None:
-            assert self.gate.wait(30)
-        engine = FakeEngine(self.script, max_batch=options.max_batch, chat="base" not in path.name)
-        self.engines.append(engine)
-        return engine
-
-
-def _catalog(root: Path) -> Path:
-    models = []
-    for alias, task in (("fake-chat", "chat-completion"), ("fake-base", "text-completion")):
-        f = root / f"{alias}.gguf"
-        f.write_bytes(b"GGUF" + bytes(28))  # the store checks the magic of local GGUF files
-        models.append(
-            {
-                "alias": alias,
-                "display_name": alias,
-                "publisher": "test",
-                "license": "none",
-                "task": task,
-                "context_length": 256,
-                "variants": [
-                    {
-                        "name": f"{alias}-cpu",
-                        "format": "gguf",
-                        "precision": "q4",
-                        "source": {"kind": "local", "path": str(f)},
-                    }
-                ],
-            }
-        )
-    path = root / "catalog.json"
-    path.write_text(json.dumps({"schema_version": 1, "models": models}))
-    return path
-
-
-def _settings(tmp_path: Path, **kw: Any) -> Settings:
-    base: dict[str, Any] = {
-        "cache_dir": tmp_path / "cache",
-        "catalog_path": _catalog(tmp_path),
-        "default_model": "fake-chat",
-        "n_threads": 1,
-        "parallel": 2,
-        "allowed_hosts": ["testserver", "127.0.0.1", "localhost"],
-    }
-    base.update(kw)
-    return Settings(**base)
 
 
 @pytest.fixture
@@ -88,20 +30,9 @@ def loader() -> Loader:
 
 @pytest.fixture
 def app_client(tmp_path: Path, loader: Loader) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(tmp_path), engine_loader=loader)) as c:
-        assert _wait_health(c) == 200
+    with TestClient(create_app(fake_settings(tmp_path), engine_loader=loader)) as c:
+        assert wait_health(c) == 200
         yield c
-
-
-def _wait_health(c: TestClient) -> int:
-    import time
-
-    deadline = time.monotonic() + 20
-    while True:
-        r = c.get("/health")
-        if r.status_code == 200 or time.monotonic() > deadline:
-            return r.status_code
-        time.sleep(0.01)
 
 
 CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
@@ -203,12 +134,12 @@ def test_structured_output_unsupported_by_engine_is_400(app_client: TestClient) 
 
 def test_health_is_503_while_the_default_model_loads(tmp_path: Path, loader: Loader) -> None:
     loader.gate = threading.Event()
-    with TestClient(create_app(_settings(tmp_path), engine_loader=loader)) as c:
+    with TestClient(create_app(fake_settings(tmp_path), engine_loader=loader)) as c:
         r = c.get("/health")
         assert r.status_code == 503
         assert r.json()["status"] == "loading"
         loader.gate.set()
-        assert _wait_health(c) == 200
+        assert wait_health(c) == 200
         assert c.get("/health").json()["loaded"] == ["fake-chat-cpu:1"]
     assert all(e.closed for e in loader.engines)  # unloaded at shutdown
 
@@ -219,8 +150,8 @@ def test_health_reports_a_failed_preload(tmp_path: Path) -> None:
 
         raise ModelLoadError("the model file could not be loaded")
 
-    with TestClient(create_app(_settings(tmp_path), engine_loader=broken)) as c:
-        assert _wait_health(c) == 200
+    with TestClient(create_app(fake_settings(tmp_path), engine_loader=broken)) as c:
+        assert wait_health(c) == 200
         body = c.get("/health").json()
         assert "could not be loaded" in body["error"]
 
@@ -239,8 +170,8 @@ def test_api_key_compared_in_constant_time(
         return real(a, b)
 
     monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
-    with TestClient(create_app(_settings(tmp_path, api_key="k3y"), engine_loader=loader)) as c:
-        assert _wait_health(c) == 200
+    with TestClient(create_app(fake_settings(tmp_path, api_key="k3y"), engine_loader=loader)) as c:
+        assert wait_health(c) == 200
         assert c.get("/v1/models", headers={"authorization": "Bearer nope"}).status_code == 401
         assert c.get("/v1/models", headers={"authorization": "Bearer k3y"}).status_code == 200
     assert calls == [(b"nope", b"k3y"), (b"k3y", b"k3y")]
@@ -258,7 +189,7 @@ def test_api_key_compared_in_constant_time(
 def test_cors_never_star_with_credentials(
     tmp_path: Path, loader: Loader, origins: list[str], origin: str, allow: str | None, credentials: object
 ) -> None:
-    with TestClient(create_app(_settings(tmp_path, cors_origins=origins), engine_loader=loader)) as c:
+    with TestClient(create_app(fake_settings(tmp_path, cors_origins=origins), engine_loader=loader)) as c:
         r = c.options(
             "/v1/chat/completions", headers={"origin": origin, "access-control-request-method": "POST"}
         )

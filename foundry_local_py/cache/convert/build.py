@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ...errors import ConversionError, ModelNotFoundError
@@ -36,7 +37,7 @@ from .worker import Job, JobResult
 
 log = logging.getLogger(__name__)
 
-ONNX_DEPENDENCIES = {
+ONNX_DEPENDENCIES = MappingProxyType({
     "torch": "torch",
     "transformers": "transformers",
     "accelerate": "accelerate",
@@ -44,7 +45,7 @@ ONNX_DEPENDENCIES = {
     "onnx": "onnx",
     "onnx_ir": "onnx-ir",
     "onnxruntime_genai": "onnxruntime-genai",
-}
+})
 ONNX_TOOLS = (
     "onnxruntime-genai", "onnxruntime", "transformers", "torch", "accelerate", "gguf", "onnx", "onnx-ir",
 )

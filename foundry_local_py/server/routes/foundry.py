@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ...cache.acquire import ensure_variant
 from ...cache.catalog import CatalogModel, Variant
 from ...cache.progress import Progress
+from ...engines.backends import backend_for
 from ...errors import FoundryError, InvalidRequestError
 from ...hardware import choose_for_cache, hardware_report, refresh_memory
 from ...hardware.report import accelerators
@@ -89,7 +90,7 @@ def foundry_entry(model: CatalogModel, variant: Variant) -> dict[str, Any]:
     return {
         "name": variant.id,
         "displayName": model.display_name,
-        "modelType": "ONNX" if variant.format == "onnx" else "GGUF",
+        "modelType": backend_for(variant.format).model_type,
         "providerType": "FoundryLocalPy",
         "uri": getattr(variant.source, "repo", None) or variant.source.kind,
         "version": str(variant.version),

@@ -1,16 +1,20 @@
-"""OpenAI-compatible routes. Thin: parse, delegate to the serving classes, return."""
+"""OpenAI-compatible routes. Thin: each hands its request to the serving core with its front-end."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ...engines.chat_format import ToolSpec
+from ...engines.backends import backend_for
 from ...errors import ModelNotFoundError
+from ...generation import prompt_tokens, tool_plan
 from ...protocol.chat import ChatCompletionRequest
 from ...protocol.completions import CompletionRequest
 from ...protocol.embeddings import EmbeddingRequest
 from ...protocol.models import ModelCard, ModelList
+from ..adapters.chat import ChatFrontEnd, chat_ask
+from ..adapters.completions import CompletionFrontEnd
+from ..adapters.embeddings import create_embeddings
 from ..body import parse_body
 from ..state import Core, get_core
 
@@ -24,23 +28,26 @@ def _body_schema(model: type) -> dict[str, object]:
 
 @router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
-    core = get_core(request)
-    body = await parse_body(request, ChatCompletionRequest)
-    return await core.chat.create(body, request)
+    return await get_core(request).serving.handle(request, ChatFrontEnd)
 
 
 @router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
-    core = get_core(request)
-    body = await parse_body(request, CompletionRequest)
-    return await core.completions.create(body, request)
+    return await get_core(request).serving.handle(request, CompletionFrontEnd)
 
 
 @router.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
 async def embeddings(request: Request) -> Response:
-    core = get_core(request)
-    body = await parse_body(request, EmbeddingRequest)
-    return await core.embeddings.create(body, request)
+    return await create_embeddings(get_core(request).serving, request)
+
+
+CHAT_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+
+
+def _endpoints(task: str, embeddings: bool) -> list[str]:
+    """The routes a model of this catalog task answers (its engine's capabilities add embeddings)."""
+    routes = {"chat-completion": list(CHAT_ENDPOINTS), "text-completion": ["/v1/completions"]}.get(task, [])
+    return [*routes, *(["/v1/embeddings"] if embeddings or task == "embeddings" else [])]
 
 
 def model_cards(core: Core) -> list[ModelCard]:
@@ -57,6 +64,8 @@ def model_cards(core: Core) -> list[ModelCard]:
             variant=variant.id, engine=lm.engine.info.engine if lm else None,
             device=lm.engine.info.device if lm else variant.device,
             context_length=lm.engine.info.n_ctx if lm else model.context_length,
+            endpoints=_endpoints(model.task, (lm.engine.info.capabilities if lm else
+                                              backend_for(variant.format).capabilities).embeddings),
         ))
     return cards
 
@@ -80,20 +89,13 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 
 @router.post("/v1/chat/completions/tokenizer/encode/count")
 async def count_tokens(request: Request) -> JSONResponse:
-    """Foundry Local's token counter: the chat request's prompt length in tokens."""
+    """Foundry Local's token counter: the chat request's prompt length in tokens, rendered by the
+    same renderer as the chat itself (so it equals ``usage.prompt_tokens``)."""
     import anyio
 
     core = get_core(request)
     body = await parse_body(request, ChatCompletionRequest)
-    lm = await core.manager.get(body.model)
-    formatter = lm.formatter
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    tools = [ToolSpec(t.function.name, t.function.description, t.function.parameters or {})
-             for t in body.tools or []] if body.tool_choice != "none" else []
-
-    def count() -> int:
-        if formatter is None:
-            return len(lm.engine.tokenize("\n".join(m["content"] for m in messages)))
-        return len(lm.engine.tokenize(formatter.render(messages, tools=tools or None), add_special=False))
-
-    return JSONResponse({"tokenCount": await anyio.to_thread.run_sync(count)})
+    ask = chat_ask(body)
+    lm = await core.generator.resolve([ask])
+    tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, lm, tool_plan(ask))
+    return JSONResponse({"tokenCount": len(tokens)})

@@ -1,0 +1,116 @@
+"""Running validated requests: admission to the model's scheduler and the events that come back.
+
+:class:`Generator` is the HTTP-free entry point every front-end uses (the server's serving core
+and the in-process SDK): ``resolve`` the model an ask names (loading it on demand), ``start`` the
+asks as one :class:`Generation` (validated, queued; several asks = several choices decoded
+together), then read ``events()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..config import Settings
+from ..scheduler.scheduler import ErrorEvent, FinishEvent, RequestHandle, StreamEvent
+from .request import GenerationAsk, ServedModel
+from .validate import ValidRequest, check_limits, validate
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class ModelSource(Protocol):
+    async def get(self, name: str, *, ep: str | None = None, ttl: float | None = None) -> ServedModel: ...
+
+
+@dataclass
+class Generation:
+    """Admitted requests (one per choice) and their event streams."""
+
+    id: str
+    model: ServedModel
+    requests: list[ValidRequest]
+    handles: list[RequestHandle]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.requests)
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            if not h.done:
+                h.cancel()
+
+    async def first_events(self) -> list[StreamEvent]:
+        """Each choice's first event (a failure before any token shows up here)."""
+        firsts = [await h.queue.get() for h in self.handles]
+        for h, ev in zip(self.handles, firsts, strict=True):
+            if isinstance(ev, (FinishEvent, ErrorEvent)):
+                h.done = True
+        return firsts
+
+    async def events(self, firsts: Sequence[StreamEvent] = ()) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Every choice's events in arrival order, tagged with the choice's index, starting with
+        ``firsts`` when they were already taken. Ends when every choice finished or failed."""
+        if len(self.handles) == 1:
+            h = self.handles[0]
+            if firsts:
+                yield 0, firsts[0]
+            if not h.done:
+                async for event in h.events():
+                    yield 0, event
+            return
+        queue: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
+
+        async def pump(i: int, h: RequestHandle) -> None:
+            if firsts:
+                await queue.put((i, firsts[i]))
+            if not h.done:
+                async for event in h.events():
+                    await queue.put((i, event))
+
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(self.handles)]
+        remaining = len(self.handles)
+        try:
+            while remaining:
+                index, event = await queue.get()
+                if isinstance(event, (FinishEvent, ErrorEvent)):
+                    remaining -= 1
+                yield index, event
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+class Generator:
+    def __init__(self, models: ModelSource, settings: Settings) -> None:
+        self.models = models
+        self.settings = settings
+
+    async def resolve(self, asks: Sequence[GenerationAsk]) -> ServedModel:
+        """Model-independent checks of every ask, then the (loaded) model they name."""
+        for ask in asks:
+            check_limits(ask, self.settings)
+        first = asks[0]
+        return await self.models.get(first.model, ep=first.ep, ttl=first.ttl)
+
+    async def start(self, model: ServedModel, asks: Sequence[GenerationAsk], id_prefix: str) -> Generation:
+        """Validate every ask against ``model``, then queue them all (429 when the queue is full)."""
+        gid = new_id(id_prefix)
+        ids = [gid] if len(asks) == 1 else [f"{gid}-{i}" for i in range(len(asks))]
+        valid = [await validate(ask, model, rid) for ask, rid in zip(asks, ids, strict=True)]
+        handles: list[RequestHandle] = []
+        try:
+            for v in valid:
+                model.touch()
+                handles.append(model.scheduler.submit(v.request))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        return Generation(gid, model, valid, handles)
