@@ -102,7 +102,7 @@ class Settings(BaseSettings):
         True, description="Load each new model file once in a child process first (crash isolation).")
     probe_timeout_s: float = Field(180.0, gt=0, description="Longest a model probe may take.")
     probe_verdicts: Path | None = Field(
-        None, description="Where probe verdicts are kept (default ~/.foundry-local-py/probe-verdicts.json).")
+        None, description="Where probe verdicts are kept (default <cache_dir>/.probe-verdicts.json).")
 
     # --- engine --------------------------------------------------------------------------
     n_threads: int = Field(default_factory=physical_cores, ge=1, description="Threads for decode.")

@@ -8,7 +8,7 @@ crash (signal), a non-zero exit or a timeout becomes a :class:`ModelLoadError`
 (``model_load_failed``) for the request that wanted the model; the server keeps serving.
 
 Verdicts are cached per file (format, resolved path, size, mtime; a folder's every file), in
-``~/.foundry-local-py/probe-verdicts.json`` (setting ``probe_verdicts``), so a file is probed
+``<cache>/.probe-verdicts.json`` (setting ``probe_verdicts``), so a file is probed
 once, not on every load, and a file that failed is not re-run on every request (a crash per
 request would be a cheap denial of service).
 A changed file has a new key and is probed again.
@@ -41,10 +41,8 @@ from ..errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 180.0
-
-
-def default_verdicts_path() -> Path:
-    return Path.home() / ".foundry-local-py" / "probe-verdicts.json"
+VERDICTS_NAME = ".probe-verdicts.json"
+"""In the model cache (the one place the server must be able to write, read-only root included)."""
 
 
 _lock = threading.Lock()
@@ -80,6 +78,14 @@ def _read_verdicts(store: Path) -> dict[str, Any]:
 
 
 def _write_verdict(store: Path, key: str, verdict: Verdict) -> None:
+    """Keep a verdict; a store that cannot be written only costs a probe next time."""
+    try:
+        _write_verdict_file(store, key, verdict)
+    except OSError as exc:
+        log.warning("could not keep the probe verdict (%s): the file will be probed again", exc.strerror)
+
+
+def _write_verdict_file(store: Path, key: str, verdict: Verdict) -> None:
     store.parent.mkdir(parents=True, exist_ok=True)
     with _lock:
         data = _read_verdicts(store)
@@ -278,13 +284,14 @@ def run_probe(cmd: Sequence[str], *, timeout_s: float = PROBE_TIMEOUT_S) -> Verd
 def probe_model(fmt: str, path: Path, settings: Any, *, command: Sequence[str] | None = None) -> None:
     """Raise :class:`ModelLoadError` unless the model at ``path`` loads in a child process.
 
-    ``settings`` gives ``probe_models`` (off: no probe), ``probe_verdicts`` and ``probe_timeout_s``.
+    ``settings`` gives ``probe_models`` (off: no probe), ``probe_verdicts`` (default: in
+    ``cache_dir``) and ``probe_timeout_s``.
     """
     if not getattr(settings, "probe_models", True):
         return
     if fmt == "onnx" and path.is_dir():
         check_onnx_folder(path)
-    store = Path(getattr(settings, "probe_verdicts", None) or default_verdicts_path()).expanduser()
+    store = Path(getattr(settings, "probe_verdicts", None) or Path(settings.cache_dir) / VERDICTS_NAME)
     try:
         key = file_key(fmt, path)
     except OSError:

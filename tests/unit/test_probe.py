@@ -185,3 +185,22 @@ def test_garbage_onnx_is_a_clean_error(tmp_path: Path) -> None:
     (folder / "model.onnx").write_bytes(b"\xff" * 64)
     with pytest.raises(ModelLoadError):
         check_onnx_folder(folder)
+
+
+def test_an_unwritable_verdict_store_costs_a_probe_not_the_load(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    (tmp_path / "file").write_text("x")
+    s = _settings(tmp_path)
+    s.probe_verdicts = tmp_path / "file" / "below-a-file" / "v.json"  # as under a read-only root
+    for _ in range(2):
+        probe_model("gguf", model, s, command=_counting(tmp_path, "pass"))
+    assert _runs(tmp_path) == 2
+
+
+def test_verdicts_default_to_the_cache(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    s = SimpleNamespace(probe_models=True, probe_verdicts=None, probe_timeout_s=30, cache_dir=tmp_path / "c")
+    probe_model("gguf", model, s, command=[PY, "-c", "pass"])
+    assert json.loads((tmp_path / "c" / ".probe-verdicts.json").read_text())
