@@ -77,9 +77,13 @@ def check_structure_limits(data: dict[str, Any], settings: Settings) -> None:
                 f"at most {settings.max_tools} tools are allowed (got {len(tools)})", param="tools",
                 code="invalid_value")
         for i, tool in enumerate(tools):
-            function = tool.get("function") if isinstance(tool, dict) else None
-            params = function.get("parameters") if isinstance(function, dict) else None
-            _check_schema_size(params, settings, f"tools[{i}].function.parameters")
+            if not isinstance(tool, dict):
+                continue
+            function = tool.get("function")
+            if isinstance(function, dict):  # Chat Completions
+                _check_schema_size(function.get("parameters"), settings, f"tools[{i}].function.parameters")
+            for key in ("parameters", "input_schema"):  # Responses; Anthropic Messages
+                _check_schema_size(tool.get(key), settings, f"tools[{i}].{key}")
     rf = data.get("response_format")
     if isinstance(rf, dict) and isinstance(rf.get("json_schema"), dict):
         _check_schema_size(rf["json_schema"].get("schema"), settings, "response_format")

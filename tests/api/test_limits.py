@@ -114,3 +114,28 @@ def test_a_tool_list_at_the_limit_is_accepted(http: httpx.Client) -> None:
     tools = [_tool(i) for i in range(128)]
     r = http.post(CHAT, json=chat_body(max_tokens=2, tools=tools, tool_choice="none"))
     assert r.status_code == 200, r.text[:300]
+
+
+MESSAGES = {"model": SMOLLM, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/messages", {**MESSAGES, "tools": [{"name": f"f{i}", "input_schema": {"type": "object"}}
+                                                for i in range(129)]}),
+        ("/v1/messages", {**MESSAGES, "tools": [{"name": "f", "input_schema": {
+            "type": "object", "description": "x" * (1 << 20)}}]}),
+        ("/v1/responses", {"model": SMOLLM, "input": "hi", "max_output_tokens": 16,
+                           "tools": [{"type": "function", "name": "f",
+                                      "parameters": {"type": "object", "description": "x" * (1 << 20)}}]}),
+    ],
+    ids=["messages 129 tools", "messages 1 MB input_schema", "responses 1 MB parameters"],
+)
+def test_the_same_limits_on_the_other_apis(http: httpx.Client, path: str, body: dict[str, Any]) -> None:
+    started = time.perf_counter()
+    r = http.post(path, json=body)
+    took = time.perf_counter() - started
+    assert r.status_code == 400, r.text[:300]
+    assert "tools" in r.text
+    assert took < FAST_S, took
