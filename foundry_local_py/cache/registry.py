@@ -101,6 +101,21 @@ def register_local(
     return model
 
 
+def read_user_models(cache_dir: Path) -> list[CatalogModel]:
+    """The models of the user catalog (none when it does not exist)."""
+    return list(_read_user_catalog(cache_dir).models)
+
+
+def add_user_models(cache_dir: Path, models: list[CatalogModel]) -> None:
+    """Add or replace entries of the user catalog (by alias), under its lock, atomically."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    keys = {m.alias.lower() for m in models}
+    with _catalog_lock(cache_dir):
+        current = _read_user_catalog(cache_dir)
+        others = [m for m in current.models if m.alias.lower() not in keys]
+        _write_user_catalog(cache_dir, CatalogFile(models=[*others, *models]))
+
+
 def unregister_local(cache_dir: Path, alias: str) -> bool:
     """Drop a registered model from the user catalog; its files are not touched."""
     with _catalog_lock(cache_dir):

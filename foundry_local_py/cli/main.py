@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, cache, hardware, model, serve, service
+from . import bench, cache, docs, hardware, model, serve, service
 
 app = typer.Typer(
     name="foundry-local",
     help="Run small language models locally behind an OpenAI-compatible API.",
     no_args_is_help=True,
-    add_completion=False,
+    # `foundry-local --install-completion` (bash, zsh, fish, PowerShell) and --show-completion.
+    add_completion=True,
 )
 app.add_typer(model.app, name="model", help="Discover, download, run and manage models.")
 app.add_typer(cache.app, name="cache", help="Inspect and manage the local model cache.")
 app.add_typer(service.app, name="service", help="Start, stop and inspect the background service.")
 app.command("serve", help="Run the server in the foreground.")(serve.serve)
+app.command("docs", help="Regenerate README's settings, metrics and routes tables from the code.")(
+    docs.docs
+)
 app.command("bench", help="Benchmark an OpenAI-compatible endpoint (optionally against a peer).")(
     bench.bench
 )
@@ -28,5 +32,9 @@ app.command("hardware", help="Show detected hardware and the variant each model 
 )
 
 
+def main() -> None:
+    app(prog_name="foundry-local")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

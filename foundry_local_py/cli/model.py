@@ -24,6 +24,7 @@ from rich.table import Table
 from ..cache.acquire import ensure_variant
 from ..cache.catalog import CatalogModel, HuggingFaceSource, PackageSource, Variant
 from ..cache.convert import describe_fidelity
+from ..cache.hub import ensure_hub_model
 from ..cache.inventory import fallback_variant
 from ..cache.progress import Progress
 from ..cache.registry import register_local
@@ -112,7 +113,7 @@ def info(
     """Show a model's details and the variant this machine would use."""
     with cli_errors():
         ctx = load_context()
-        model, fixed = ctx.catalog.lookup(alias)
+        model, fixed = ensure_hub_model(ctx.store.root, ctx.catalog, alias)
         out = console()
         if license_text:
             extra = f": {model.license_description}" if model.license_description else ""
@@ -164,7 +165,7 @@ def download(
     """Download a model's variant into the cache (resumes an interrupted download)."""
     with cli_errors():
         ctx = load_context()
-        model, fixed = ctx.catalog.lookup(alias)
+        model, fixed = ensure_hub_model(ctx.store.root, ctx.catalog, alias)
         variant = fixed or pick_variant(ctx.store, model, settings=ctx.settings, prefer_cached=False)
         out = console()
         columns = (
@@ -288,7 +289,7 @@ def run(  # noqa: PLR0917 - typer maps parameters to CLI arguments and options
     """Chat with a model in the terminal (streams as it generates); with PROMPT, answer once."""
     with cli_errors():
         ctx = load_context()
-        model, _ = ctx.catalog.lookup(alias)
+        model, _ = ensure_hub_model(ctx.store.root, ctx.catalog, alias)
         _, client = _service(ctx.settings)
         _load(client, alias, ttl=ttl, ep=ep)
         sampling: dict[str, object] = {"model": alias}

@@ -1,19 +1,31 @@
 """``foundry-local serve``: run the server in the foreground.
 
-Flags override environment variables (``FOUNDRY_LOCAL_*``), which override defaults.
+Its flags are generated from :class:`~foundry_local_py.config.Settings` (names, types, defaults,
+help) through :func:`~foundry_local_py.config.setting_specs`: a field added to ``Settings`` is a
+flag here with nothing else to edit. Flags override environment variables (``FOUNDRY_LOCAL_*``),
+which override defaults.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
+from pydantic_settings import BaseSettings
 
-from ..config import DEFAULT_MODEL, DEFAULT_PORT, Settings
+from ..config import Settings, SettingSpec, setting_specs
+
+_PY_TYPES: dict[str, Any] = {
+    "bool": bool, "int": int, "float": float, "str": str, "path": Path, "secret": str,
+    "choice": str, "list": list[str], "json": str,
+}
 
 
 def build_settings(**overrides: Any) -> Settings:
@@ -22,53 +34,84 @@ def build_settings(**overrides: Any) -> Settings:
     return Settings(**given)
 
 
-def serve(  # noqa: PLR0917 - one parameter per flag, as typer wants
-    model: Annotated[str | None, typer.Option("--model", "-m", help=f"Model to preload [{DEFAULT_MODEL}]")
-                     ] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind [127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help=f"Port [{DEFAULT_PORT}]")] = None,
-    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY'",
-                                                envvar="FOUNDRY_LOCAL_API_KEY")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Model cache directory")] = None,
-    catalog: Annotated[Path | None, typer.Option(help="Extra catalog file")] = None,
-    n_threads: Annotated[int | None, typer.Option(help="Decode threads [all cores]")] = None,
-    n_ctx: Annotated[int | None, typer.Option(help="Context length per request")] = None,
-    parallel: Annotated[int | None, typer.Option(
-        "--parallel", "--max-batch",
-        help="Slots: sequences decoded together per model [from cores and context]")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429")] = None,
-    queue_timeout: Annotated[float | None, typer.Option(
-        help="Seconds a request may wait for a slot before 503")] = None,
-    device: Annotated[str | None, typer.Option(help="auto|cpu|gpu|npu")] = None,
-    ep: Annotated[str | None, typer.Option(help="Force an execution provider")] = None,
-    allowed_host: Annotated[list[str] | None, typer.Option(help="Extra allowed Host header")] = None,
-    cors_origin: Annotated[list[str] | None, typer.Option(help="CORS origin to allow")] = None,
-    no_preload: Annotated[bool, typer.Option("--no-preload", help="Do not load a model at start")] = False,
-    allow_unauthenticated_remote: Annotated[bool, typer.Option(
-        "--allow-unauthenticated-remote",
-        help="Allow a non-loopback --host without an API key (refused otherwise)")] = False,
-    drain_timeout: Annotated[float | None, typer.Option(
-        help="Seconds running requests may take to finish after SIGTERM [30]")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error")] = None,
-) -> None:
+def _help(spec: SettingSpec) -> str:
+    env = f"env {spec.env}"
+    # Parentheses, not brackets: typer's rich help would read "[...]" as markup and drop it.
+    tail = f"(default: {spec.default}; {env})"
+    return f"{spec.help} {tail}" if spec.help else tail
+
+
+def _parameter(spec: SettingSpec) -> inspect.Parameter:
+    if spec.kind == "bool":
+        decls = [f"{spec.flags[0]}/--no-{spec.flags[0][2:]}"]
+        option = typer.Option(*decls, help=_help(spec), show_default=False)
+    else:
+        option = typer.Option(*spec.flags, help=_help(spec), show_default=False)
+    py_type = Literal[spec.choices] if spec.kind == "choice" else _PY_TYPES[spec.kind]
+    annotation = Annotated[py_type | None, option]  # type: ignore[valid-type]
+    return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=annotation)
+
+
+def settings_from_flags(values: dict[str, Any], settings_cls: type[BaseSettings] = Settings
+                        ) -> BaseSettings:
+    """The settings for the flags given (None: not given), over the environment and defaults."""
+    specs = {s.name: s for s in setting_specs(settings_cls)}
+    base = None
+    given: dict[str, Any] = {}
+    for name, raw in values.items():
+        if raw is None or raw == []:
+            continue
+        spec = specs[name]
+        value = raw
+        if spec.kind == "json":
+            try:
+                value = json.loads(raw)
+            except ValueError as exc:
+                raise typer.BadParameter(f"{spec.flags[0]} takes JSON: {exc}") from exc
+        elif spec.kind == "list" and spec.extend_default:
+            base = base or settings_cls()
+            value = [*getattr(base, name), *raw]
+        given[name] = value
+    try:
+        return settings_cls(**given)
+    except ValueError as exc:  # pydantic's ValidationError: name the flag, not the field
+        raise typer.BadParameter(_short_validation(exc, specs)) from None
+
+
+def _short_validation(exc: ValueError, specs: dict[str, SettingSpec]) -> str:
+    errors: list[dict[str, Any]] = getattr(exc, "errors", list)()
+    if not errors:
+        return str(exc)
+    first = errors[0]
+    field = str(first.get("loc", ("?",))[0])
+    flag = specs[field].flags[0] if field in specs else field
+    return f"{flag}: {first.get('msg', 'invalid value')}"
+
+
+def make_serve_command(settings_cls: type[BaseSettings] = Settings,
+                       run: Callable[[Any], None] | None = None) -> Callable[..., None]:
+    """A typer command whose parameters are the settings' fields. ``run`` receives the settings
+    (default: serve them); tests pass another settings class or ``run`` to see what a flag did."""
+
+    def serve(**values: Any) -> None:
+        settings = settings_from_flags(values, settings_cls)
+        (run or _run)(settings)
+
+    params = [_parameter(spec) for spec in setting_specs(settings_cls)]
+    serve.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    serve.__annotations__ = {p.name: p.annotation.__origin__ for p in params}
+    serve.__doc__ = "Run the server in the foreground. Every flag is also FOUNDRY_LOCAL_<NAME>."
+    return serve
+
+
+def _run(settings: Any) -> None:
     import uvicorn
 
     from ..server.app import create_app
     from ..server.transport import Drain, DrainingServer, http_protocol, is_loopback
 
-    base = Settings()
-    hosts = None
-    if allowed_host:
-        hosts = [*base.allowed_hosts, *allowed_host]
-    settings = build_settings(
-        default_model=model, host=host, port=port, api_key=api_key, cache_dir=cache_dir,
-        catalog_path=catalog, n_threads=n_threads, n_ctx=n_ctx, parallel=parallel,
-        max_queue=max_queue, queue_timeout_s=queue_timeout, device=device, ep=ep, allowed_hosts=hosts,
-        cors_origins=cors_origin,
-        preload=False if no_preload else None, log_level=log_level,
-        allow_unauthenticated_remote=True if allow_unauthenticated_remote else None,
-        drain_timeout_s=drain_timeout,
-    )
+    assert isinstance(settings, Settings)
     if not is_loopback(settings.host) and settings.api_key is None:
         if not settings.allow_unauthenticated_remote:
             typer.secho(
@@ -84,9 +127,9 @@ def serve(  # noqa: PLR0917 - one parameter per flag, as typer wants
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"foundry-local-py serving on http://{settings.host}:{settings.port}/v1 "
                f"(model {settings.default_model})", err=True)
-    # The first SIGTERM drains (transport.DrainingServer), then uvicorn re-raises the signal it
-    # caught so the previous handler runs: make that handler a clean exit, so a drained shutdown
-    # ends with status 0, not "killed". A second SIGTERM exits at once.
+    # The first SIGTERM drains (transport.DrainingServer), then the server shuts down; a second
+    # SIGTERM exits at once. A signal handler left by uvicorn runs as a clean exit, so a drained
+    # shutdown ends with status 0, not "killed".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     drain = Drain()
     app = create_app(settings, drain=drain)
@@ -105,3 +148,6 @@ def serve(  # noqa: PLR0917 - one parameter per flag, as typer wants
         http=http_protocol(settings.header_timeout_s),
     )
     DrainingServer(config, drain, drain_timeout_s=settings.drain_timeout_s, truncate=truncate).run()
+
+
+serve = make_serve_command()

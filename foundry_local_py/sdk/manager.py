@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cache.catalog import CatalogModel, Variant, load_catalog
+from ..cache.hub import ensure_hub_model
 from ..cache.store import ModelStore
 from ..config import Settings
 from ..errors import ModelNotFoundError, ServiceUnavailableError
@@ -128,7 +129,8 @@ class FoundryLocalManager:
                        ) -> FoundryModelInfo | None:
         catalog, store = self._catalog_and_store()
         try:
-            model, fixed = catalog.lookup(alias_or_model_id)
+            # hf.co/<owner>/<repo>[:<quant>] names resolve on the hub (then from the user catalog)
+            model, fixed = ensure_hub_model(store.root, catalog, alias_or_model_id)
             return FoundryModelInfo.of(model, fixed or self._choose(model, store))
         except ModelNotFoundError:
             if raise_on_not_found:

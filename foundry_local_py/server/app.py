@@ -41,21 +41,32 @@ async def _preload(core: Core) -> None:
 
 
 def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader | None = None,
-               drain: Drain | None = None) -> FastAPI:
-    """The application. ``engine_loader`` replaces the engine factory (tests with fake engines);
+               core: Core | None = None, drain: Drain | None = None) -> FastAPI:
+    """The application. ``engine_loader`` replaces the engine factory (tests with fake engines).
+    ``core``: serve an existing core (the in-process SDK's ``start_web_service``: its loaded models
+    and schedulers are shared with the HTTP API); its owner starts and closes it.
     ``drain`` is the shutdown state the server sets on SIGTERM (server/transport.py)."""
-    settings = settings or Settings()
+    settings = core.settings if core is not None else (settings or Settings())
     drain = drain or Drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        core = build_core(settings, engine_loader=engine_loader)
-        app.state.core = core
-        core.manager.start()
+        if core is not None:
+            app.state.core = core
+            yield
+            return
+        core_ = build_core(settings, engine_loader=engine_loader)
+        async with _owned(app, core_):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _owned(app: FastAPI, owned: Core) -> AsyncIterator[None]:
+        app.state.core = owned
+        owned.manager.start()
         preload: asyncio.Task[None] | None = None
         if settings.preload and settings.default_model:
-            core.preloading = True
-            preload = asyncio.get_running_loop().create_task(_preload(core))
+            owned.preloading = True
+            preload = asyncio.get_running_loop().create_task(_preload(owned))
         try:
             yield
         finally:
@@ -63,8 +74,8 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
                 preload.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await preload
-            await core.manager.close()
-            core.responses.close()
+            await owned.manager.close()
+            owned.responses.close()
 
     app = FastAPI(
         title="foundry-local-py",

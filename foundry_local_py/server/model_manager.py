@@ -32,6 +32,7 @@ import anyio
 import psutil
 
 from ..cache.catalog import Catalog, CatalogModel, Variant
+from ..cache.hub import ensure_hub_model, is_hub_name
 from ..cache.store import ModelStore
 from ..config import Settings, auto_parallel
 from ..engines.backends import EngineOptions, MemoryEstimate, backend_for, load_engine
@@ -184,7 +185,14 @@ class ModelManager:
     async def load(
         self, name: str, *, ep: str | None = None, ttl: float | None = None, pinned: bool = False
     ) -> LoadedModel:
-        model, fixed = self.catalog.lookup(name)
+        if is_hub_name(name):
+            # hf.co/...: known once downloaded (from the user catalog, off the loop). A request never
+            # reaches the hub: a client could otherwise make the server list any repo and grow the
+            # user catalog; /openai/download (or the CLI) resolves and downloads new names.
+            model, fixed = await asyncio.to_thread(ensure_hub_model, self.store.root, self.catalog, name,
+                                                   network=False)
+        else:
+            model, fixed = self.catalog.lookup(name)
         requested = fixed.id if fixed else None
         choice = await anyio.to_thread.run_sync(
             lambda: self.choose(model, ep=ep, requested=requested))

@@ -36,7 +36,7 @@ GRAFANA_VARIABLES = {
 }
 
 _METRIC = re.compile(r"\bfoundry_local_[a-z0-9_]+\b")
-_NOT_METRICS = {"foundry_local_py"}
+_NOT_METRICS = {"foundry_local_py", "foundry_local_sdk"}  # our package; Foundry Local's SDK package
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,11 @@ Enough of the protocol for huggingface-hub's ``get_hf_file_metadata`` and ``http
   ``Range: bytes=N-[M]`` answers 206 with ``Content-Range``.
 - Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``), which
   huggingface-hub turns into its typed exceptions.
-- ``GET /api/models/{org}/{repo}/revision/{revision}``: id, sha and siblings.
+- ``GET /api/models/{org}/{repo}/revision/{revision}``: id, sha and siblings (``model_info``).
+- ``GET /api/models/{org}/{repo}/tree/{revision}[/{path}]?recursive=...``: the file listing
+  (``list_repo_tree``): files with size, git oid and, for LFS files, ``lfs.oid`` (sha256);
+  folders as ``directory`` entries. ``listing_pages`` > 1 splits it with ``Link: rel="next"``
+  headers, as the Hub paginates.
 
 Fault knobs (:class:`Faults`, changed between or during requests, applied to file GETs):
 ``cut_after`` bytes then drop the connection (``cut_times`` GETs), answer ``fail_status``
@@ -78,6 +82,7 @@ class FakeHub:
     faults: Faults = field(default_factory=Faults)
     log: list[Record] = field(default_factory=list)
     repos: dict[str, dict[str, HostedFile]] = field(default_factory=dict)
+    listing_pages: int = 1
 
     def __post_init__(self) -> None:
         self._gets = 0
@@ -159,6 +164,13 @@ class FakeHub:
             self.log.clear()
             self._gets = 0
 
+    def repo_files(self, repo: str) -> tuple[str, dict[str, HostedFile]] | None:
+        """A repo by id, case-insensitively as the Hub resolves them: (its id, its files)."""
+        for name, files in self.repos.items():
+            if name.lower() == repo.lower():
+                return name, files
+        return None
+
     def count_get(self) -> int:
         with self._lock:
             self._gets += 1
@@ -184,6 +196,7 @@ class FakeHub:
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 _API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/revision/(?P<rev>[^/]+)$")
+_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
 _RANGE = re.compile(r"^bytes=(?P<start>\d+)-(?P<end>\d*)$")
 
 
@@ -210,6 +223,11 @@ class _Handler(BaseHTTPRequestHandler):
             if api and not head:
                 self._api(rec, api["repo"], unquote(api["rev"]))
                 return
+            tree = _TREE.match(path)
+            if tree and not head:
+                query = self.path.split("?", 1)[1] if "?" in self.path else ""
+                self._tree(rec, tree["repo"], unquote(tree["rev"]), unquote(tree["path"] or ""), query)
+                return
             m = _RESOLVE.match(path)
             if not m:
                 self._error(rec, 404, "EntryNotFound")
@@ -235,10 +253,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _api(self, rec: Record, repo: str, rev: str) -> None:
-        files = self.hub.repos.get(repo)
-        if files is None:
+        found = self.hub.repo_files(repo)
+        if found is None:
             self._error(rec, 404, "RepoNotFound")
             return
+        repo, files = found
         if rev not in ("main", self.hub.commit):
             self._error(rec, 404, "RevisionNotFound")
             return
@@ -252,9 +271,61 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _tree(self, rec: Record, repo: str, rev: str, prefix: str, query: str) -> None:
+        found = self.hub.repo_files(repo)
+        if found is None:
+            self._error(rec, 404, "RepoNotFound")
+            return
+        files = found[1]
+        if rev not in ("main", self.hub.commit):
+            self._error(rec, 404, "RevisionNotFound")
+            return
+        params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        recursive = params.get("recursive", "false").lower() in ("true", "1")
+        base = prefix.strip("/")
+        base_slash = f"{base}/" if base else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for path, hosted in sorted(files.items()):
+            if not path.startswith(base_slash):
+                continue
+            rest = path[len(base_slash):].split("/")
+            for depth in range(1, len(rest)):  # the folders on the way
+                if not recursive and depth > 1:
+                    break
+                folder = base_slash + "/".join(rest[:depth])
+                entries.setdefault(folder, {"type": "directory", "oid": "0" * 40, "size": 0,
+                                            "path": folder})
+            if not recursive and len(rest) > 1:
+                continue
+            entry: dict[str, Any] = {"type": "file", "oid": hosted.git_sha1, "size": hosted.size,
+                                     "path": path}
+            if hosted.lfs:
+                entry["lfs"] = {"oid": hosted.sha256, "size": hosted.size, "pointerSize": 134}
+            entries[path] = entry
+        if base and not entries:
+            self._error(rec, 404, "EntryNotFound")
+            return
+        listing = list(entries.values())
+        pages = max(1, self.hub.listing_pages)
+        per_page = max(1, -(-len(listing) // pages))
+        cursor = int(params.get("cursor", "0") or 0)
+        page = listing[cursor: cursor + per_page]
+        body = json.dumps(page).encode()
+        rec.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if cursor + per_page < len(listing):
+            path = self.path.split("?", 1)[0]
+            rest = "&".join(f"{k}={v}" for k, v in params.items() if k != "cursor")
+            self.send_header("Link", f'<{self.hub.url}{path}?{rest}&cursor={cursor + per_page}>; rel="next"')
+        self.end_headers()
+        self.wfile.write(body)
+
     def _resolve(self, rec: Record, repo: str, rev: str, name: str, *, head: bool) -> None:
         hub = self.hub
-        files = hub.repos.get(repo)
+        found = hub.repo_files(repo)
+        files = found[1] if found else None
         token = hub.faults.require_token
         if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
             self._error(rec, 401, "RepoNotFound")  # what the Hub answers for a private repo

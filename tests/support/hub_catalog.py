@@ -87,3 +87,28 @@ def make_genai_files(folder: Path) -> tuple[Path, Path]:
     with smol_gguf_path().open("rb") as f:
         data.write_bytes(f.read(300 * 1024))
     return config, data
+
+
+def write_gguf(path: Path, *, context_length: int = 2048, chat_template: str | None = "{{ messages }}",
+               arch: str = "llama", filler: int = 0) -> Path:
+    """A small GGUF header (no tensors) with the metadata the hub resolver reads, plus a
+    vocabulary array to skip and ``filler`` bytes so files of different quants differ in size."""
+    import struct
+
+    def string(s: str) -> bytes:
+        data = s.encode()
+        return struct.pack("<Q", len(data)) + data
+
+    kvs = [
+        string("general.architecture") + struct.pack("<I", 8) + string(arch),
+        string(f"{arch}.context_length") + struct.pack("<I", 4) + struct.pack("<I", context_length),
+        string("tokenizer.ggml.tokens") + struct.pack("<I", 9) + struct.pack("<IQ", 8, 3)
+        + string("a") + string("b") + string("c"),
+        string("tokenizer.ggml.scores") + struct.pack("<I", 9) + struct.pack("<IQ", 6, 3) + b"\0" * 12,
+    ]
+    if chat_template is not None:
+        kvs.append(string("tokenizer.chat_template") + struct.pack("<I", 8) + string(chat_template))
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + b"\0" * filler)
+    return path

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...cache.acquire import ensure_variant
 from ...cache.catalog import CatalogModel, Variant
+from ...cache.hub import ensure_hub_model
 from ...cache.progress import Progress
 from ...engines.backends import backend_for
 from ...errors import FoundryError, InvalidRequestError
@@ -40,6 +41,7 @@ def _loaded_json(core: Core) -> list[dict[str, Any]]:
 
 @router.get("/openai/status")
 async def status(request: Request) -> JSONResponse:
+    """Foundry Local's service status: its endpoints and the model cache folder."""
     core = get_core(request)
     return JSONResponse({
         "Endpoints": [core.base_url],
@@ -52,6 +54,7 @@ async def status(request: Request) -> JSONResponse:
 
 @router.get("/openai/models")
 async def cached_models(request: Request) -> JSONResponse:
+    """Ids of the variants in the cache."""
     core = get_core(request)
     names = [v.id for m in core.catalog.models for v in m.variants if core.store.is_available(m, v)]
     return JSONResponse(names)
@@ -59,6 +62,7 @@ async def cached_models(request: Request) -> JSONResponse:
 
 @router.get("/openai/loadedmodels")
 async def loaded_models(request: Request) -> JSONResponse:
+    """Loaded models: engine, device, context, slots, TTL, running and waiting requests."""
     return JSONResponse(_loaded_json(get_core(request)))
 
 
@@ -66,6 +70,8 @@ async def loaded_models(request: Request) -> JSONResponse:
 async def load(
     name: str, request: Request, ttl: float | None = Query(None, ge=0), ep: str | None = None
 ) -> JSONResponse:
+    """Load a model (alias, variant id or hf.co/<owner>/<repo>[:<quant>]); ttl= and ep= as in Foundry
+    Local."""
     core = get_core(request)
     lm = await core.manager.load(name, ep=ep, ttl=ttl)
     return JSONResponse({"name": lm.id, "alias": lm.alias, "loaded": True,
@@ -74,6 +80,7 @@ async def load(
 
 @router.get("/openai/unload/{name:path}")
 async def unload(name: str, request: Request, force: bool = False) -> JSONResponse:
+    """Unload a model; force=true unloads it even while it answers."""
     core = get_core(request)
     lm = await core.manager.unload(name, force=force)
     return JSONResponse({"name": lm.id, "alias": lm.alias, "unloaded": True})
@@ -81,6 +88,7 @@ async def unload(name: str, request: Request, force: bool = False) -> JSONRespon
 
 @router.get("/openai/unloadall")
 async def unload_all(request: Request) -> JSONResponse:
+    """Unload every model."""
     n = await get_core(request).manager.unload_all()
     return JSONResponse({"unloaded": n})
 
@@ -112,6 +120,7 @@ def foundry_entry(model: CatalogModel, variant: Variant) -> dict[str, Any]:
 
 @router.get("/foundry/list")
 async def catalog_list(request: Request) -> JSONResponse:
+    """The catalog, one entry per variant, in Foundry Local's /foundry/list shape."""
     core = get_core(request)
     return JSONResponse([foundry_entry(m, v) for m in core.catalog.models for v in m.variants])
 
@@ -146,7 +155,8 @@ async def download(request: Request) -> StreamingResponse:
         raise InvalidRequestError("the body must name a model: {\"model\": {\"Name\": ...}}", param="model")
     force = bool(body.get("force", False)) if isinstance(body, dict) else False
     token = body.get("token") if isinstance(body, dict) and isinstance(body.get("token"), str) else None
-    model, fixed = core.catalog.lookup(name)
+    # hf.co/<owner>/<repo>[:<quant>] names are resolved on the hub (a listing: off the loop).
+    model, fixed = await asyncio.to_thread(ensure_hub_model, core.store.root, core.catalog, name, token=token)
     variant = fixed or choose_for_cache(
         model, core.inventory, core.store, device=core.settings.device, ep=core.settings.ep,
         prefer_cached=False,
@@ -199,6 +209,7 @@ async def download(request: Request) -> StreamingResponse:
 
 @router.get("/foundry/hardware")
 async def hardware(request: Request) -> JSONResponse:
+    """Detected hardware and the variant each catalog model would get on it."""
     core = get_core(request)
     report = await anyio.to_thread.run_sync(
         lambda: hardware_report(refresh_memory(core.inventory), core.catalog, core.store,

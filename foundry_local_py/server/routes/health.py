@@ -15,6 +15,7 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
+    """Readiness: 200 when ready, 503 while the default model loads (or if it failed to)."""
     core = get_core(request)
     loading = core.manager.loading
     drain = getattr(request.app.state, "drain", None)
@@ -61,5 +62,6 @@ async def slots(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
+    """Prometheus text format: the metrics in README's table."""
     core = get_core(request)
     return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
