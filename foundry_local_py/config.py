@@ -79,6 +79,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body accepted.")
     max_header_bytes: int = Field(64 * 1024, gt=0, description="Largest total size of request headers.")
     max_header_count: int = Field(256, gt=0, description="Most request header fields accepted.")
+    allow_unauthenticated_remote: bool = Field(
+        False, description="Allow a non-loopback `host` without an API key (else `serve` refuses to start).")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a client may take to send a request's headers; then the "
+        "connection is closed (slowloris).", json_schema_extra={"flags": ["--header-timeout"]})
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a client may take to send a request's body; then 408.",
+        json_schema_extra={"flags": ["--body-timeout"]})
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, seconds running requests may take to finish; then they "
+        "end with finish_reason 'length'. A second SIGTERM exits at once.",
+        json_schema_extra={"flags": ["--drain-timeout"]})
 
     # --- models and cache ----------------------------------------------------------------
     cache_dir: Path = Field(
@@ -107,6 +119,13 @@ class Settings(BaseSettings):
         None, description="Memory budget for loaded models; beyond it the least recently used is unloaded.",
         json_schema_extra={"default_doc": "75% of RAM"},
     )
+    probe_models: bool = Field(
+        True, description="Load each new model file once in a child process first (crash isolation).")
+    probe_timeout_s: float = Field(180.0, gt=0, description="Longest a model probe may take (seconds).",
+                                   json_schema_extra={"flags": ["--probe-timeout"]})
+    probe_verdicts: Path | None = Field(
+        None, description="Where probe verdicts are kept.",
+        json_schema_extra={"default_doc": "<cache>/.probe-verdicts.json"})
 
     # --- engine --------------------------------------------------------------------------
     n_threads: int = Field(
@@ -143,6 +162,9 @@ class Settings(BaseSettings):
     max_stop_length: int = Field(256, ge=1, description="Longest `stop` string, in characters.")
     max_logit_bias: int = Field(300, ge=0, description="Most `logit_bias` entries a request may give.")
     max_top_logprobs: int = Field(20, ge=0, description="Largest `top_logprobs` a request may ask for.")
+    max_tools: int = Field(128, ge=0, description="Most tools one request may declare.")
+    max_schema_bytes: int = Field(
+        256 * 1024, gt=0, description="Largest JSON schema (`response_format`, or one tool's parameters).")
     template_timeout_s: float = Field(2.0, gt=0, description="Cap on rendering a chat template.")
 
     # --- stored responses (/v1/responses with store=true) ---------------------------------

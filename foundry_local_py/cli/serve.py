@@ -109,26 +109,45 @@ def _run(settings: Any) -> None:
     import uvicorn
 
     from ..server.app import create_app
+    from ..server.transport import Drain, DrainingServer, http_protocol, is_loopback
 
     assert isinstance(settings, Settings)
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
-        typer.secho(f"warning: listening on {settings.host} without an API key", err=True,
-                    fg=typer.colors.YELLOW)
+    if not is_loopback(settings.host) and settings.api_key is None:
+        if not settings.allow_unauthenticated_remote:
+            typer.secho(
+                f"error: refusing to listen on {settings.host} without an API key: anyone who can "
+                "reach this address could use the server. Set --api-key (or FOUNDRY_LOCAL_API_KEY), "
+                "bind 127.0.0.1, or pass --allow-unauthenticated-remote "
+                "(FOUNDRY_LOCAL_ALLOW_UNAUTHENTICATED_REMOTE=1) if that is what you want.",
+                err=True, fg=typer.colors.RED)
+            raise typer.Exit(2)
+        typer.secho(f"warning: listening on {settings.host} without an API key "
+                    "(--allow-unauthenticated-remote)", err=True, fg=typer.colors.YELLOW)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"foundry-local-py serving on http://{settings.host}:{settings.port}/v1 "
                f"(model {settings.default_model})", err=True)
-    # uvicorn drains on SIGTERM, then re-raises the signal it caught so the previous handler runs:
-    # make that handler a clean exit, so a drained shutdown ends with status 0, not "killed".
+    # The first SIGTERM drains (transport.DrainingServer), then the server shuts down; a second
+    # SIGTERM exits at once. A signal handler left by uvicorn runs as a clean exit, so a drained
+    # shutdown ends with status 0, not "killed".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
-        create_app(settings),
+    drain = Drain()
+    app = create_app(settings, drain=drain)
+
+    def truncate() -> int:
+        core = getattr(app.state, "core", None)
+        return sum(lm.scheduler.truncate_running() for lm in core.manager.loaded()) if core else 0
+
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=60,
+        timeout_graceful_shutdown=10,
         access_log=settings.log_level == "debug",
+        http=http_protocol(settings.header_timeout_s),
     )
+    DrainingServer(config, drain, drain_timeout_s=settings.drain_timeout_s, truncate=truncate).run()
 
 
 serve = make_serve_command()

@@ -217,6 +217,15 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def truncate_running(self) -> int:
+        """Shutdown past its drain timeout: every running sequence ends at its next token with
+        finish_reason 'length' (a normal end, not an error). Returns how many were running."""
+        with self._cond:
+            for seq in self._active.values():
+                seq.processor.max_tokens = min(seq.processor.max_tokens,
+                                               seq.processor.completion_tokens + 1)
+            return len(self._active)
+
     @property
     def idle_since(self) -> float | None:
         """monotonic time since which nothing ran or waited; None while busy."""

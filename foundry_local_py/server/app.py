@@ -21,6 +21,7 @@ from .errors import install_error_handlers
 from .middleware import GuardMiddleware
 from .routes import foundry, health, messages, openai, responses
 from .state import Core, EngineLoader, build_core
+from .transport import Drain
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,13 @@ async def _preload(core: Core) -> None:
 
 
 def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader | None = None,
-               core: Core | None = None) -> FastAPI:
+               core: Core | None = None, drain: Drain | None = None) -> FastAPI:
     """The application. ``engine_loader`` replaces the engine factory (tests with fake engines).
     ``core``: serve an existing core (the in-process SDK's ``start_web_service``: its loaded models
-    and schedulers are shared with the HTTP API); its owner starts and closes it."""
+    and schedulers are shared with the HTTP API); its owner starts and closes it.
+    ``drain`` is the shutdown state the server sets on SIGTERM (server/transport.py)."""
     settings = core.settings if core is not None else (settings or Settings())
+    drain = drain or Drain()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,6 +83,7 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.drain = drain
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai.router)
@@ -97,7 +101,7 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(GuardMiddleware, settings=settings)
+    app.add_middleware(GuardMiddleware, settings=settings, drain=drain)
     return app
 
 

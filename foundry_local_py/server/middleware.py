@@ -6,7 +6,11 @@
   (``//v1/...`` is not ``/health`` and so needs the key), compared in constant time; sent as
   ``Authorization: Bearer <key>`` (OpenAI's clients) or ``x-api-key: <key>`` (Anthropic's);
 - a request-body limit: 413 before parsing, from Content-Length or while reading;
-- a header limit (total bytes and count): 431, whatever the HTTP parser itself allows.
+- a deadline on reading the body (a client that never finishes it gets 408 and is disconnected;
+  the headers' deadline is the HTTP protocol's, server/transport.py);
+- a header limit (total bytes and count): 431, whatever the HTTP parser itself allows;
+- while draining for shutdown: 503 to every new request but ``/health``; requests in flight are
+  counted so the server knows when the drain is over.
 
 Refusals are rendered by server/errors.py in the route's error shape (Anthropic's on
 ``/v1/messages*``, where the request id also goes out as ``request-id``, the header Anthropic's
@@ -15,6 +19,7 @@ clients read).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -24,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
 from .errors import ErrorStyle, error_body, error_style
+from .transport import Drain
 
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -55,8 +61,11 @@ def _host_allowed(host_header: str, allowed: list[str]) -> bool:
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, drain: Drain | None = None) -> None:
         self.app = app
+        self.drain = drain or Drain()
+        self.body_timeout_s = settings.body_timeout_s
+        self.cors_origins = {o.lower() for o in settings.cors_origins}
         self.max_body = settings.max_body_bytes
         self.max_header_bytes = settings.max_header_bytes
         self.max_header_count = settings.max_header_count
@@ -96,9 +105,12 @@ class GuardMiddleware:
         headers = {k.lower(): v for k, v in raw_headers}
         host = headers.get(b"host", b"").decode("latin-1")
         if host and not _host_allowed(host, self.allowed_hosts):
-            await reject(400, "Invalid Host header.", "invalid_request_error", "invalid_host")
+            # 403 as Ollama answers a foreign Host: the request is understood and refused.
+            await reject(403, "Invalid Host header.", "invalid_request_error", "invalid_host")
             return
-        if self.api_key is not None and scope["path"] not in PUBLIC_PATHS and not self._authorized(headers):
+        public = scope["path"] in PUBLIC_PATHS
+        if (self.api_key is not None and not public and not self._authorized(headers)
+                and not self._cors_preflight(scope, headers)):
             await reject(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>' "
                          "or 'x-api-key: <key>'.", "authentication_error", "invalid_api_key",
                          extra=[(b"www-authenticate", b"Bearer")])
@@ -114,13 +126,31 @@ class GuardMiddleware:
             if too_big:
                 await reject(413, too_large, "invalid_request_error", "request_too_large")
                 return
-        if scope["method"] in ("POST", "PUT", "PATCH"):
-            body, more = await self._read_body(receive)
-            if more:
-                await reject(413, too_large, "invalid_request_error", "request_too_large")
-                return
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send_with_id)
+        if self.drain.draining and not public:
+            await reject(503, "The server is shutting down; retry on another instance or after it "
+                         f"restarts (request id {request_id}).", "server_error", "shutting_down",
+                         extra=[(b"retry-after", b"5"), (b"connection", b"close")])
+            return
+        if public:
+            await self.app(scope, receive, send_with_id)
+            return
+        self.drain.active += 1
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                try:
+                    body, more = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+                except asyncio.TimeoutError:
+                    await reject(408, f"The request body was not received within {self.body_timeout_s:g} s.",
+                                 "invalid_request_error", "request_timeout",
+                                 extra=[(b"connection", b"close")])
+                    return
+                if more:
+                    await reject(413, too_large, "invalid_request_error", "request_too_large")
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.drain.active -= 1
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         """``Authorization: Bearer <key>`` or ``x-api-key: <key>``; either, compared in constant time."""
@@ -134,6 +164,15 @@ class GuardMiddleware:
         if x_key is not None:
             ok = hmac.compare_digest(x_key.strip(), self.api_key) or ok
         return ok
+
+    def _cors_preflight(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
+        """A CORS preflight from an allowed origin (browsers never send credentials with one):
+        answered by the CORS middleware without reaching any route."""
+        if scope["method"] != "OPTIONS" or not self.cors_origins:
+            return False
+        origin = headers.get(b"origin", b"").decode("latin-1").lower()
+        return bool(origin) and b"access-control-request-method" in headers and (
+            origin in self.cors_origins or "*" in self.cors_origins)
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
         """Read the body up to the limit; ``more`` is True when it is larger."""

@@ -38,6 +38,7 @@ from ..config import Settings, auto_parallel
 from ..engines.backends import EngineOptions, MemoryEstimate, backend_for, load_engine
 from ..engines.base import ChatTemplateSpec, Engine
 from ..engines.chat_format import ChatFormatter
+from ..engines.probe import probe_model
 from ..errors import (
     ConflictError,
     FoundryError,
@@ -283,6 +284,8 @@ class ModelManager:
     ) -> tuple[Engine, Scheduler, ChatFormatter | None]:
         """The engine, its running scheduler and the chat formatter (worker thread)."""
         s = self.settings
+        if self._engine_loader is load_engine:  # crash isolation (engines/probe.py); fakes skip it
+            probe_model(variant.format, path, s)
         engine = self._engine_loader(variant.format, path, options)
         try:
             spec = engine.chat_template()

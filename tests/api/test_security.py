@@ -59,7 +59,9 @@ def test_binds_loopback_by_default(server_factory) -> None:  # type: ignore[no-u
 def test_foreign_host_header_refused(http: httpx.Client, host: str) -> None:
     for path in ("/health", "/v1/models"):
         r = http.get(path, headers={"host": host})
-        assert_openai_error(r, 400, code="invalid_host")
+        assert_openai_error(r, 403, code="invalid_host")
+    r = http.post("/v1/chat/completions", json=chat_body(max_tokens=2), headers={"host": host})
+    assert_openai_error(r, 403, code="invalid_host")
 
 
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]", "LOCALHOST:1234", "127.0.0.1:9"])
@@ -152,6 +154,59 @@ def test_health_is_open(keyed) -> None:  # type: ignore[no-untyped-def]
     status, data = _raw_get(keyed.port, "/health")
     assert status == 200, data
     assert httpx.get(keyed.url("/health?probe=1")).status_code == 200
+
+
+# Spellings a path-prefix check could miss: percent-encoded slashes, dot segments, absolute-form
+# targets, other methods. None may reach a route without the key.
+SPELLINGS = [
+    ("GET", "/v1%2Fmodels"),
+    ("GET", "/%2Fv1/models"),
+    ("GET", "/%2fv1%2fmodels"),
+    ("GET", "/v1/models%2F"),
+    ("GET", "/health%2F"),
+    ("GET", "/health%2F..%2Fv1%2Fmodels"),
+    ("GET", "/health/../v1/models"),
+    ("GET", "/%2e/v1/models"),
+    ("GET", "/health%00"),
+    ("GET", "/health;/../v1/models"),
+    ("GET", "http://127.0.0.1/v1/models"),
+    ("GET", "http://127.0.0.1/health/../metrics"),
+    ("POST", "//v1/chat/completions"),
+    ("POST", "/v1/chat/completions/"),
+    ("POST", "/V1/Chat/Completions"),
+    ("POST", "/v1/chat%2Fcompletions"),
+    ("POST", "/v1//completions"),
+    ("HEAD", "/v1/models"),
+    ("HEAD", "/metrics"),
+    ("HEAD", "//v1/models"),
+    ("OPTIONS", "/v1/models"),
+    ("OPTIONS", "/v1/chat/completions"),
+    ("OPTIONS", "*"),
+    ("DELETE", "/v1/models"),
+    ("PUT", "/openai/download"),
+    ("PATCH", "/v1/chat/completions"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), SPELLINGS)
+def test_key_required_whatever_the_spelling(keyed, method: str, path: str) -> None:  # type: ignore[no-untyped-def]
+    body = b"{}" if method in ("POST", "PUT", "PATCH") else b""
+    extra = [f"Content-Length: {len(body)}", "Content-Type: application/json"] if body else []
+    status, data = _raw(keyed.port, method, path, extra, body)
+    assert status == 401, (method, path, data[:300])
+    assert b"www-authenticate: bearer" in data.lower()
+    if method != "HEAD":
+        assert b'"code": "invalid_api_key"' in data
+    status, data = _raw(keyed.port, method, path, [*extra, f"Authorization: Bearer {KEY}"], body)
+    assert status != 401, (method, path, data[:300])
+
+
+def test_health_spelled_otherwise_is_still_only_health(keyed) -> None:  # type: ignore[no-untyped-def]
+    """'/%68ealth' decodes to '/health': open, and it is the health route, nothing else."""
+    status, data = _raw_get(keyed.port, "/%68ealth")
+    assert status == 200 and b'"status"' in data
+    status, _ = _raw(keyed.port, "HEAD", "/health", [])
+    assert status in (200, 405)
 
 
 @pytest.mark.parametrize(

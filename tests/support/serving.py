@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -69,7 +70,10 @@ class ServerProcess:
             self.port = free_port()
             # The outer environment's FOUNDRY_LOCAL_* settings must not leak into the server.
             env = {k: v for k, v in os.environ.items() if not k.startswith("FOUNDRY_LOCAL_")}
-            env.update({"PYTHONPATH": str(REPO_ROOT), **self.env})
+            # Model-probe verdicts shared by every test server (keyed by path, size and mtime):
+            # SmolLM2 is probe-loaded once per machine, not once per fresh test cache.
+            env.update({"PYTHONPATH": str(REPO_ROOT), "FOUNDRY_LOCAL_PROBE_VERDICTS": str(
+                Path(tempfile.gettempdir()) / "foundry-local-py-tests-probe-verdicts.json"), **self.env})
             host = ["--host", self.host] if self.host is not None else []
             cmd = [
                 sys.executable,

@@ -18,15 +18,19 @@ async def health(request: Request) -> JSONResponse:
     """Readiness: 200 when ready, 503 while the default model loads (or if it failed to)."""
     core = get_core(request)
     loading = core.manager.loading
-    status = "loading" if core.preloading or loading else "ok"
-    body = {
+    drain = getattr(request.app.state, "drain", None)
+    draining = drain is not None and drain.draining
+    status = "draining" if draining else "loading" if core.preloading or loading else "ok"
+    body: dict[str, Any] = {
         "status": status,
         "loaded": [lm.id for lm in core.manager.loaded()],
         "loading": loading,
     }
+    if drain is not None and draining:
+        body["running"] = drain.active
     if core.preload_error:
         body["error"] = core.preload_error
-    return JSONResponse(body, status_code=503 if core.preloading else 200)
+    return JSONResponse(body, status_code=503 if core.preloading or draining else 200)
 
 
 @router.get("/v1/slots")
