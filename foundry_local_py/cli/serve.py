@@ -43,6 +43,9 @@ def serve(  # noqa: PLR0917 - one parameter per flag, as typer wants
     ep: Annotated[str | None, typer.Option(help="Force an execution provider")] = None,
     allowed_host: Annotated[list[str] | None, typer.Option(help="Extra allowed Host header")] = None,
     cors_origin: Annotated[list[str] | None, typer.Option(help="CORS origin to allow")] = None,
+    deterministic: Annotated[bool, typer.Option(
+        "--deterministic", help="Same tokens for the same request at temperature 0 or with a seed, "
+        "whatever else runs or is cached")] = False,
     no_preload: Annotated[bool, typer.Option("--no-preload", help="Do not load a model at start")] = False,
     log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error")] = None,
 ) -> None:
@@ -60,6 +63,7 @@ def serve(  # noqa: PLR0917 - one parameter per flag, as typer wants
         max_queue=max_queue, queue_timeout_s=queue_timeout, device=device, ep=ep, allowed_hosts=hosts,
         cors_origins=cors_origin,
         preload=False if no_preload else None, log_level=log_level,
+        deterministic=True if deterministic else None,
     )
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         typer.secho(f"warning: listening on {settings.host} without an API key", err=True,
