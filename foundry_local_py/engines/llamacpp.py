@@ -14,24 +14,21 @@ another slot (busy or idle) or in the host cache; state from elsewhere is copied
 requests is computed once, not once per slot.
 
 Deterministic mode (``LlamaCppOptions.deterministic``): the same request gives the same tokens
-whatever else runs, is cached or arrived first. Measured on this build (ggml CPU, SmolLM2 Q4_1),
-what makes a token's KV (and so the next logits) differ in the last bits:
-
-- the number of rows in the matmul that computes it: chunks of fewer than 64 rows take one kernel,
-  of 64 or more another (a prompt prefilled as 256 + 44 tokens and as 300 gives different bits
-  for rows 256-299; 200 + 56 + 44 differs from 256 + 44 in rows 200-255);
-- so KV computed token by token while decoding, or prefilled in other chunks, is not the KV a
-  fresh prefill computes: reusing it changes the greedy tokens of later turns.
-
-Rows of other sequences in the same ``llama_decode`` (1 to 8 decode rows beside a chunk) and
-decode batches of 1 to 8 rows did not change a row's bits. The mode therefore prefills every
-prompt in chunks of :data:`DET_CHUNK` tokens at fixed absolute positions (``[0, 64)``,
-``[64, 128)``...; the last one partial), each chunk in its own ``llama_decode`` and never split by
-the decode budget; decode rows go in calls of at most :data:`DET_DECODE_GROUP` rows; and a prefix
-is reused (own slot, other slot, host cache) only up to the last full chunk that was computed
-that way (``_Slot.canon``), so a restored KV cell is bit-identical to the one recomputing gives.
-Sampling RNGs are per sequence, seeded from the request only (the default mode does that too).
-GPU offload is refused in this mode (its kernels depend on the batch size; not verified).
+whatever else runs, is cached or arrived first. Measured on this build (ggml CPU, SmolLM2 Q4_1,
+bit-exact logits of every row compared), what makes a token's KV differ in the last bits is how
+many of its own sequence's tokens were in the same ``llama_decode``: with flash attention, 64 or
+more take another kernel path than 1 to 63 (a prompt prefilled as 256 + 44 tokens and as 300
+differs in rows 256-299; 200 + 56 + 44 differs from 256 + 44 in rows 200-255; with flash
+attention off the difference disappears). Within 1 to 63 the bits do not depend on the split: 300
+tokens decoded one by one, in chunks of 32, or 256-then-12 + 32 give identical rows; nor on other
+sequences' rows in the same call (up to 40 decode rows beside a chunk, 74 rows in all). So in
+the default mode, KV computed token by token while decoding (a chat's previous answer) or in
+small chunks is not what a fresh prefill of a long prompt computes, and reusing it (own slot,
+other slot, host cache) changes later greedy tokens. The mode prefills at most
+:data:`DET_CHUNK` tokens of a sequence per step: every cell is then computed on the same path, so
+a reused prefix is bit-identical to recomputing it and prefix reuse stays on in full. Sampling
+RNGs are per sequence, seeded from the request only (as in the default mode). GPU offload is
+refused in this mode (its kernels depend on the batch size; not verified).
 
 Sampling uses llama.cpp's sampler chains (one per sequence): logit bias, penalties, grammar
 (structured output), top-k, top-p, min-p, temperature, seeded dist / greedy.
@@ -76,10 +73,8 @@ PREFILL_CHUNK = 256  # prompt tokens per step while other sequences are decoding
 N_BATCH = 512
 _MIN_GAIN = 4  # prompt tokens a state copy must save to be worth it
 _MIN_CACHED = 8  # shorter sequences are not worth a place in the host prompt cache
-DET_CHUNK = 64
-"""Deterministic mode: prompts are prefilled in chunks at multiples of this many tokens."""
-DET_DECODE_GROUP = 32
-"""Deterministic mode: most decode rows in one ``llama_decode`` (fewer than 64: one kernel)."""
+DET_CHUNK = 32
+"""Deterministic mode: most prompt tokens of one sequence per step (under 64: one kernel path)."""
 
 
 def _init_backend() -> None:
@@ -349,11 +344,6 @@ def constraint_to_gbnf(constraint: Constraint) -> str:
 # --- the runner: continuous batching on one context --------------------------------------------
 
 
-def _aligned(n: int) -> int:
-    """``n`` rounded down to a multiple of DET_CHUNK."""
-    return n - n % DET_CHUNK
-
-
 @dataclass
 class _Slot:
     seq_id: int
@@ -368,9 +358,6 @@ class _Slot:
     """Plain argmax (temperature 0, nothing else in the chain): sampled with numpy directly."""
     top_logprobs: int | None = None
     last_used: int = 0
-    canon: int = 0
-    """Deterministic mode: leading cached tokens whose KV was computed in full DET_CHUNK chunks
-    at fixed positions (or restored from such): only these may be reused."""
 
     @property
     def prefilling(self) -> bool:
@@ -383,7 +370,7 @@ class _LlamaRunner:
         opts = engine.options
         self.max_batch = opts.max_batch
         self.n_ctx_seq = engine.info.n_ctx
-        self._det = opts.deterministic
+        self._chunk = DET_CHUNK if opts.deterministic else N_BATCH
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.n_ctx_seq * self.max_batch
         cparams.n_batch = N_BATCH
@@ -441,8 +428,6 @@ class _LlamaRunner:
         want = as_tokens(prompt)
         shared = {s.seq_id: min(common_prefix(as_tokens(s.cached), want), len(prompt) - 1)
                   for s in self._slots}
-        if self._det:
-            shared = {s.seq_id: _aligned(min(shared[s.seq_id], s.canon)) for s in self._slots}
         slot = self._pick_slot(shared)
         sampler = self._make_sampler(request.sampling)
         keep = self._reuse_prefix(slot, prompt, want, shared)
@@ -466,16 +451,12 @@ class _LlamaRunner:
         slot.sampler = None
         slot.request_id = None
         slot.pending = None
-        # Deterministic mode keys the state by its canonical prefix only: lookups never go further.
-        key = slot.cached[:slot.canon] if self._det else slot.cached
-        if self._cache is not None and len(key) >= _MIN_CACHED:
-            self._cache.put(key, lambda: self._state_of(slot))
+        if self._cache is not None and len(slot.cached) >= _MIN_CACHED:
+            self._cache.put(slot.cached, lambda: self._state_of(slot))
         self._tick += 1
         slot.last_used = self._tick
 
     def step(self) -> list[TokenOutput | SequenceFailure]:
-        if self._det:
-            return self._step_deterministic()
         batch = self._batch
         batch.n_tokens = 0
         outputs: list[TokenOutput | SequenceFailure] = []
@@ -494,91 +475,42 @@ class _LlamaRunner:
         budget = N_BATCH - batch.n_tokens
         if decoding:
             budget = min(budget, PREFILL_CHUNK)
-        for slot in self._slots:
-            if budget <= 0:
-                break
-            if not slot.prefilling:
-                continue
-            start = len(slot.cached)
-            take = min(budget, len(slot.prompt) - start)
-            in_batch.append(slot)
-            for j in range(take):
-                last = start + j == len(slot.prompt) - 1
-                idx = self._push(slot, slot.prompt[start + j], last)
-                if last:
-                    logit_rows.append((slot, idx))
-            budget -= take
-        if batch.n_tokens == 0:
-            return outputs
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            log.error("llama_decode returned %d", rc)
-            # Roll back what this batch added and fail the sequences that were in it.
-            for slot in in_batch:
-                self._reset_slot_cache(slot)
-                outputs.append(SequenceFailure(slot.request_id or "", EngineError(
-                    "the inference engine could not decode this batch")))
-            return outputs
-        for slot, idx in logit_rows:
-            outputs.append(self._sample(slot, idx))
-        return outputs
-
-    def _step_deterministic(self) -> list[TokenOutput | SequenceFailure]:
-        """One step of deterministic mode: decode rows in groups of at most DET_DECODE_GROUP,
-        then whole prompt chunks ``[k*DET_CHUNK, (k+1)*DET_CHUNK)``, each in its own call."""
-        outputs: list[TokenOutput | SequenceFailure] = []
-        decoding: list[_Slot] = []
-        for slot in self._slots:
-            if slot.request_id is None or slot.pending is None:
-                continue
-            if len(slot.cached) >= self.n_ctx_seq:
-                outputs.append(SequenceFailure(slot.request_id, ContextLengthExceededError(
-                    f"the sequence reached the context length ({self.n_ctx_seq} tokens)")))
-                continue
-            decoding.append(slot)
-        for i in range(0, len(decoding), DET_DECODE_GROUP):
-            group = decoding[i:i + DET_DECODE_GROUP]
-            self._batch.n_tokens = 0
-            rows = []
-            for slot in group:
-                assert slot.pending is not None
-                rows.append((slot, self._push(slot, slot.pending, True)))
-                slot.pending = None
-            outputs.extend(self._decode(rows, group))
-        budget = PREFILL_CHUNK if decoding else N_BATCH
-        for slot in self._slots:
-            while budget > 0 and slot.prefilling:
-                start = len(slot.cached)  # a multiple of DET_CHUNK: reuse stops at chunk ends
-                end = min(start - start % DET_CHUNK + DET_CHUNK, len(slot.prompt))
-                self._batch.n_tokens = 0
-                rows = []
-                for pos in range(start, end):
-                    last = pos == len(slot.prompt) - 1
-                    idx = self._push(slot, slot.prompt[pos], last)
-                    if last:
-                        rows.append((slot, idx))
-                failed = len(outputs)
-                outputs.extend(self._decode(rows, [slot]))
-                if any(isinstance(o, SequenceFailure) for o in outputs[failed:]):
+        while True:
+            for slot in self._slots:
+                if budget <= 0:
                     break
-                if end % DET_CHUNK == 0 and slot.canon == start:
-                    slot.canon = end
-                budget -= end - start
-        return outputs
-
-    def _decode(self, rows: list[tuple[_Slot, int]], in_batch: list[_Slot]
-                ) -> list[TokenOutput | SequenceFailure]:
-        """Decode the batch as built; sample ``rows`` (slot, batch index) from its logits."""
-        rc = llama_cpp.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            log.error("llama_decode returned %d", rc)
-            failures: list[TokenOutput | SequenceFailure] = []
-            for slot in in_batch:
-                self._reset_slot_cache(slot)
-                failures.append(SequenceFailure(slot.request_id or "", EngineError(
-                    "the inference engine could not decode this batch")))
-            return failures
-        return [self._sample(slot, idx) for slot, idx in rows]
+                if not slot.prefilling:
+                    continue
+                start = len(slot.cached)
+                take = min(budget, len(slot.prompt) - start, self._chunk)
+                in_batch.append(slot)
+                for j in range(take):
+                    last = start + j == len(slot.prompt) - 1
+                    idx = self._push(slot, slot.prompt[start + j], last)
+                    if last:
+                        logit_rows.append((slot, idx))
+                budget -= take
+            if batch.n_tokens == 0:
+                return outputs
+            rc = llama_cpp.llama_decode(self._ctx, batch)
+            if rc != 0:
+                log.error("llama_decode returned %d", rc)
+                # Roll back what this batch added and fail the sequences that were in it.
+                for slot in in_batch:
+                    self._reset_slot_cache(slot)
+                    outputs.append(SequenceFailure(slot.request_id or "", EngineError(
+                        "the inference engine could not decode this batch")))
+                return outputs
+            for slot, idx in logit_rows:
+                outputs.append(self._sample(slot, idx))
+            # Deterministic mode: the rest of the step's prompt budget in further calls of at
+            # most DET_CHUNK tokens per sequence (a prompt arriving alone is still computed in
+            # one step, so requests arriving next find it cached).
+            if self._chunk >= N_BATCH or budget <= 0 or not any(s.prefilling for s in self._slots):
+                return outputs
+            batch.n_tokens = 0
+            logit_rows = []
+            in_batch = []
 
     def close(self) -> None:
         for slot in self._slots:
@@ -605,7 +537,6 @@ class _LlamaRunner:
     def _reset_slot_cache(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.cached = []
-        slot.canon = 0
 
     def _reuse_prefix(self, slot: _Slot, prompt: list[int], want: np.ndarray, shared: dict[int, int]) -> int:
         """Make ``slot``'s cache hold the longest cached prefix of ``prompt`` (``want`` as an
@@ -630,8 +561,6 @@ class _LlamaRunner:
             found = self._cache.lookup(want, floor) if self._cache is not None else None
             if found is not None:
                 state, keep = found[0].state, min(found[1], limit)
-                if self._det:
-                    keep = _aligned(keep)
             elif donor is not None:
                 state = self._state_of(donor)
         if state is not None:
@@ -646,7 +575,6 @@ class _LlamaRunner:
         if keep == 0:
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.cached = list(prompt[:keep])
-        slot.canon = keep if self._det else 0
         return keep
 
     def _state_of(self, slot: _Slot) -> bytes:

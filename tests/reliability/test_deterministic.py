@@ -29,6 +29,13 @@ ServerFactory = Callable[..., ServerProcess]
 P = "foundry_local_"
 
 SYSTEM = "You are a patient tutor. Answer in two or three plain sentences."
+# A long shared system prompt (over 256 tokens: the default mode's prefill chunk while others
+# decode), as assistants with instructions and reference text have.
+LONG_SYSTEM = SYSTEM + " Reference notes for the class follow.\n" + " ".join(
+    f"Lesson {i}: the class observed {i * 3 % 7 + 2} experiments about {topic} and wrote short "
+    f"reports on what changed." for i, topic in enumerate(
+        ["light", "heat", "sound", "plants", "rocks", "weather", "animals", "water", "magnets",
+         "forces", "stars", "cells", "energy", "machines"]))
 OPENERS = [
     "What is photosynthesis?",
     "How do volcanoes form?",
@@ -39,7 +46,8 @@ OPENERS = [
     "How do bees make honey?",
     "What is the water cycle?",
 ]
-FOLLOW_UPS = ["Tell me more.", "Give one example.", "Summarise that in one sentence."]
+FOLLOW_UPS = ["Tell me more.", "Give one example.", "Why does that matter?",
+              "Summarise that in one sentence."]
 TURN_TOKENS = 32
 
 
@@ -54,7 +62,7 @@ def _conversations(proc: ServerProcess, order: list[int]) -> dict[int, list[str]
     out: dict[int, list[str]] = {}
 
     def chat(i: int) -> None:
-        messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM},
+        messages: list[dict[str, str]] = [{"role": "system", "content": LONG_SYSTEM},
                                           {"role": "user", "content": OPENERS[i]}]
         turns: list[str] = []
         for follow_up in [*FOLLOW_UPS, None]:
@@ -186,6 +194,22 @@ def test_alone_or_among_8_in_default_mode_is_reported(server_factory: ServerFact
 
 
 # --- the mode refuses what it cannot honour ----------------------------------------------------
+
+
+def test_the_setting_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from foundry_local_py.cli.main import app
+    from foundry_local_py.cli.serve import build_settings
+    from foundry_local_py.config import Settings
+
+    monkeypatch.delenv("FOUNDRY_LOCAL_DETERMINISTIC", raising=False)
+    assert Settings().deterministic is False
+    assert build_settings(deterministic=True).deterministic is True
+    monkeypatch.setenv("FOUNDRY_LOCAL_DETERMINISTIC", "1")
+    assert Settings().deterministic is True
+    assert Settings().to_env()["FOUNDRY_LOCAL_DETERMINISTIC"] == "true"
+    assert "--deterministic" in CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
 
 
 def test_an_engine_that_cannot_honour_the_mode_is_refused_at_load(tmp_path: Path) -> None:
