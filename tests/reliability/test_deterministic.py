@@ -147,9 +147,15 @@ def _prompts() -> list[list[dict[str, str]]]:
     ]
 
 
-def _answer(client: openai.OpenAI, messages: list[dict[str, str]]) -> tuple[str, int]:
-    r = client.chat.completions.create(model=SMOLLM, messages=messages,  # type: ignore[arg-type]
-                                       max_tokens=TURN_TOKENS, temperature=0)
+# Seeded sampling for two of them (the rest greedy): the same seed, the same tokens.
+SAMPLING: dict[int, dict[str, Any]] = {5: {"temperature": 0.9, "seed": 7},
+                                       7: {"temperature": 0.7, "top_p": 0.9, "seed": 1234}}
+
+
+def _answer(client: openai.OpenAI, prompts: list[list[dict[str, str]]], i: int) -> tuple[str, int]:
+    extra = SAMPLING.get(i, {"temperature": 0})
+    r = client.chat.completions.create(model=SMOLLM, messages=prompts[i],  # type: ignore[arg-type]
+                                       max_tokens=TURN_TOKENS, **extra)
     assert r.usage is not None
     details = r.usage.prompt_tokens_details
     return r.choices[0].message.content or "", (details.cached_tokens or 0) if details else 0
@@ -159,14 +165,16 @@ def _alone_and_among_8(server_factory: ServerFactory, *args: str) -> dict[str, A
     prompts = _prompts()
     proc = server_factory(*args)
     client = _client(proc)
-    alone = [_answer(client, m) for m in prompts]  # each after the earlier ones: caches are hit
+    order = range(len(prompts))
+    alone = [_answer(client, prompts, i) for i in order]  # each after the earlier: caches are hit
     with ThreadPoolExecutor(len(prompts)) as pool:  # warm: every prompt's KV is cached somewhere
-        warm = list(pool.map(lambda m: _answer(client, m), prompts))
+        warm = list(pool.map(lambda i: _answer(client, prompts, i), order))
     proc.stop()
     cold_proc = server_factory(*args)
     cold_client = _client(cold_proc)
     with ThreadPoolExecutor(len(prompts)) as pool:  # a fresh server, all at once, reversed
-        cold = list(reversed(list(pool.map(lambda m: _answer(cold_client, m), reversed(prompts)))))
+        cold = list(reversed(list(pool.map(lambda i: _answer(cold_client, prompts, i),
+                                           reversed(order)))))
     cold_proc.stop()
     return {"alone": alone, "warm": warm, "cold": cold}
 
