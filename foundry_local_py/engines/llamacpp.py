@@ -25,10 +25,11 @@ sequences' rows in the same call (up to 40 decode rows beside a chunk, 74 rows i
 the default mode, KV computed token by token while decoding (a chat's previous answer) or in
 small chunks is not what a fresh prefill of a long prompt computes, and reusing it (own slot,
 other slot, host cache) changes later greedy tokens. The mode prefills at most
-:data:`DET_CHUNK` tokens of a sequence per step: every cell is then computed on the same path, so
-a reused prefix is bit-identical to recomputing it and prefix reuse stays on in full. Sampling
-RNGs are per sequence, seeded from the request only (as in the default mode). GPU offload is
-refused in this mode (its kernels depend on the batch size; not verified).
+:data:`DET_CHUNK` tokens of a sequence per ``llama_decode`` (a step may make several calls):
+every cell is then computed on the same path, so a reused prefix is bit-identical to
+recomputing it and prefix reuse stays on in full. Sampling RNGs are per sequence, seeded from the
+request only (as in the default mode). GPU offload is refused in this mode (its kernels depend
+on the batch size; not verified).
 
 Sampling uses llama.cpp's sampler chains (one per sequence): logit bias, penalties, grammar
 (structured output), top-k, top-p, min-p, temperature, seeded dist / greedy.
@@ -74,7 +75,7 @@ N_BATCH = 512
 _MIN_GAIN = 4  # prompt tokens a state copy must save to be worth it
 _MIN_CACHED = 8  # shorter sequences are not worth a place in the host prompt cache
 DET_CHUNK = 32
-"""Deterministic mode: most prompt tokens of one sequence per step (under 64: one kernel path)."""
+"""Deterministic mode: most prompt tokens of one sequence per ``llama_decode`` (under 64: one path)."""
 
 
 def _init_backend() -> None:
