@@ -149,6 +149,10 @@ class Settings(BaseSettings):
 
     prompt_cache_mib: int = Field(
         256, ge=0, description="Host memory per model for KV states of finished requests (0: off).")
+    deterministic: bool = Field(
+        False, description="Deterministic mode: at temperature 0 or with a seed, the same request "
+        "gives the same tokens whatever else runs, is cached or arrived first (llama.cpp on the "
+        "CPU only; prefills long new prompts ~1.2x slower).")
 
     # --- scheduling ----------------------------------------------------------------------
     max_queue: int = Field(64, ge=0, description="Requests waiting per model before 429.")

@@ -56,6 +56,9 @@ class Capabilities:
     """Reuses cached KV for a shared prompt prefix (reported as cached_tokens)."""
     max_batch: int | None = None
     """Largest number of sequences decoded together; None: as many as the settings ask."""
+    deterministic: bool = False
+    """Can run in deterministic mode (``Settings.deterministic``): at temperature 0 or with a seed,
+    the same request gives the same tokens whatever else runs, is cached or arrived first."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class EngineOptions:
     execution_provider: str = "cpu"
     """'cpu', 'cuda', 'dml', ... (lower-case short names)."""
     prompt_cache_bytes: int = 256 << 20
+    deterministic: bool = False
+    """Deterministic mode (the backend's ``Capabilities.deterministic`` must be True)."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +211,7 @@ def _load_gguf(path: Path, options: EngineOptions) -> Engine:
     return LlamaCppEngine(path, LlamaCppOptions(
         n_threads=options.n_threads, n_ctx=options.n_ctx, max_batch=options.max_batch,
         n_gpu_layers=0 if options.execution_provider == "cpu" else -1,
-        prompt_cache_bytes=options.prompt_cache_bytes,
+        prompt_cache_bytes=options.prompt_cache_bytes, deterministic=options.deterministic,
     ))
 
 
@@ -254,7 +259,7 @@ LLAMA_CPP = Backend(
     model_type="GGUF",
     capabilities=Capabilities(
         sampling=frozenset(SAMPLING_FIELDS), logprobs=True, constraints=True, embeddings=True,
-        prefix_cache=True,
+        prefix_cache=True, deterministic=True,
     ),
     providers=frozenset({"cpu", "cuda", "metal"}),
     recognise=_is_gguf,
@@ -274,6 +279,8 @@ ONNX_GENAI = Backend(
     capabilities=Capabilities(
         sampling=frozenset({"temperature", "top_p", "top_k", "seed", "repeat_penalty"}),
         constraints=True,
+        # Not shown batch-invariant: its batching engine decides how sequences share kernels.
+        deterministic=False,
     ),
     providers=frozenset({"cpu", "cuda", "dml", "webgpu", "qnn", "openvino"}),
     recognise=_is_onnx_folder,
@@ -312,4 +319,10 @@ def detect_format(path: Path) -> str:
 
 
 def load_engine(fmt: str, path: Path, options: EngineOptions) -> Engine:
-    return backend_for(fmt).load(path, options)
+    backend = backend_for(fmt)
+    if options.deterministic and not backend.capabilities.deterministic:
+        raise ModelLoadError(
+            f"deterministic mode is on, and the {backend.engine} engine ({backend.model_type} "
+            "models) cannot guarantee the same tokens for the same request; use a GGUF variant "
+            "or turn deterministic mode off")
+    return backend.load(path, options)

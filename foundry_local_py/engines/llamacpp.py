@@ -13,6 +13,24 @@ another slot (busy or idle) or in the host cache; state from elsewhere is copied
 (``llama_state_seq_get/set_data``), then cut to the shared prefix. A system prompt common to all
 requests is computed once, not once per slot.
 
+Deterministic mode (``LlamaCppOptions.deterministic``): the same request gives the same tokens
+whatever else runs, is cached or arrived first. Measured on this build (ggml CPU, SmolLM2 Q4_1,
+bit-exact logits of every row compared), what makes a token's KV differ in the last bits is how
+many of its own sequence's tokens were in the same ``llama_decode``: with flash attention, 64 or
+more take another kernel path than 1 to 63 (a prompt prefilled as 256 + 44 tokens and as 300
+differs in rows 256-299; 200 + 56 + 44 differs from 256 + 44 in rows 200-255; with flash
+attention off the difference disappears). Within 1 to 63 the bits do not depend on the split: 300
+tokens decoded one by one, in chunks of 32, or 256-then-12 + 32 give identical rows; nor on other
+sequences' rows in the same call (up to 40 decode rows beside a chunk, 74 rows in all). So in
+the default mode, KV computed token by token while decoding (a chat's previous answer) or in
+small chunks is not what a fresh prefill of a long prompt computes, and reusing it (own slot,
+other slot, host cache) changes later greedy tokens. The mode prefills at most
+:data:`DET_CHUNK` tokens of a sequence per ``llama_decode`` (a step may make several calls):
+every cell is then computed on the same path, so a reused prefix is bit-identical to
+recomputing it and prefix reuse stays on in full. Sampling RNGs are per sequence, seeded from the
+request only (as in the default mode). GPU offload is refused in this mode (its kernels depend
+on the batch size; not verified).
+
 Sampling uses llama.cpp's sampler chains (one per sequence): logit bias, penalties, grammar
 (structured output), top-k, top-p, min-p, temperature, seeded dist / greedy.
 """
@@ -56,6 +74,8 @@ PREFILL_CHUNK = 256  # prompt tokens per step while other sequences are decoding
 N_BATCH = 512
 _MIN_GAIN = 4  # prompt tokens a state copy must save to be worth it
 _MIN_CACHED = 8  # shorter sequences are not worth a place in the host prompt cache
+DET_CHUNK = 32
+"""Deterministic mode: most prompt tokens of one sequence per ``llama_decode`` (under 64: one path)."""
 
 
 def _init_backend() -> None:
@@ -111,6 +131,8 @@ class LlamaCppOptions:
     flash_attn: bool = True
     prompt_cache_bytes: int = 256 << 20
     """Host memory for the KV state of finished sequences (0: slots only)."""
+    deterministic: bool = False
+    """Same tokens for the same request whatever else runs or is cached (see the module doc)."""
 
 
 class LlamaCppEngine:
@@ -131,6 +153,10 @@ class LlamaCppEngine:
         n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
         n_ctx = opts.n_ctx or min(n_ctx_train, LLAMA_CPP.default_context)
         gpu = opts.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        if gpu and opts.deterministic:
+            llama_cpp.llama_model_free(model)
+            raise ModelLoadError("deterministic mode runs llama.cpp on the CPU only (GPU kernels "
+                                 "depend on the batch size); use the CPU or turn the mode off")
         self.metadata = self._read_metadata()
         self._template = self._read_template()
         self.info = EngineInfo(
@@ -345,6 +371,7 @@ class _LlamaRunner:
         opts = engine.options
         self.max_batch = opts.max_batch
         self.n_ctx_seq = engine.info.n_ctx
+        self._chunk = DET_CHUNK if opts.deterministic else N_BATCH
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.n_ctx_seq * self.max_batch
         cparams.n_batch = N_BATCH
@@ -449,34 +476,42 @@ class _LlamaRunner:
         budget = N_BATCH - batch.n_tokens
         if decoding:
             budget = min(budget, PREFILL_CHUNK)
-        for slot in self._slots:
-            if budget <= 0:
-                break
-            if not slot.prefilling:
-                continue
-            start = len(slot.cached)
-            take = min(budget, len(slot.prompt) - start)
-            in_batch.append(slot)
-            for j in range(take):
-                last = start + j == len(slot.prompt) - 1
-                idx = self._push(slot, slot.prompt[start + j], last)
-                if last:
-                    logit_rows.append((slot, idx))
-            budget -= take
-        if batch.n_tokens == 0:
-            return outputs
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            log.error("llama_decode returned %d", rc)
-            # Roll back what this batch added and fail the sequences that were in it.
-            for slot in in_batch:
-                self._reset_slot_cache(slot)
-                outputs.append(SequenceFailure(slot.request_id or "", EngineError(
-                    "the inference engine could not decode this batch")))
-            return outputs
-        for slot, idx in logit_rows:
-            outputs.append(self._sample(slot, idx))
-        return outputs
+        while True:
+            for slot in self._slots:
+                if budget <= 0:
+                    break
+                if not slot.prefilling:
+                    continue
+                start = len(slot.cached)
+                take = min(budget, len(slot.prompt) - start, self._chunk)
+                in_batch.append(slot)
+                for j in range(take):
+                    last = start + j == len(slot.prompt) - 1
+                    idx = self._push(slot, slot.prompt[start + j], last)
+                    if last:
+                        logit_rows.append((slot, idx))
+                budget -= take
+            if batch.n_tokens == 0:
+                return outputs
+            rc = llama_cpp.llama_decode(self._ctx, batch)
+            if rc != 0:
+                log.error("llama_decode returned %d", rc)
+                # Roll back what this batch added and fail the sequences that were in it.
+                for slot in in_batch:
+                    self._reset_slot_cache(slot)
+                    outputs.append(SequenceFailure(slot.request_id or "", EngineError(
+                        "the inference engine could not decode this batch")))
+                return outputs
+            for slot, idx in logit_rows:
+                outputs.append(self._sample(slot, idx))
+            # Deterministic mode: the rest of the step's prompt budget in further calls of at
+            # most DET_CHUNK tokens per sequence (a prompt arriving alone is still computed in
+            # one step, so requests arriving next find it cached).
+            if self._chunk >= N_BATCH or budget <= 0 or not any(s.prefilling for s in self._slots):
+                return outputs
+            batch.n_tokens = 0
+            logit_rows = []
+            in_batch = []
 
     def close(self) -> None:
         for slot in self._slots:

@@ -234,7 +234,8 @@ class ModelManager:
                                backend_for(variant.format).default_context)
         return EngineOptions(n_threads=s.n_threads, max_batch=s.parallel or auto_parallel(n_ctx),
                              n_ctx=n_ctx, execution_provider=engine_ep,
-                             prompt_cache_bytes=s.prompt_cache_mib << 20)
+                             prompt_cache_bytes=s.prompt_cache_mib << 20,
+                             deterministic=s.deterministic)
 
     async def _load_new(
         self, model: CatalogModel, choice: VariantChoice, ttl: float | None, *, allow_fallback: bool,
