@@ -111,7 +111,7 @@ def test_guard_refusals_in_anthropic_shape(keyed: TestClient) -> None:
     assert_openai_error(keyed.post("/v1/chat/completions", headers=h, content=b"x" * 5000), 413,
                         code="request_too_large")
     r = keyed.post("/v1/messages", headers={**h, "host": "evil.example"}, json={})
-    assert_anthropic_error(r, 400, "invalid_request_error")
+    assert_anthropic_error(r, 403, "permission_error")  # a foreign Host (issue 13: 403)
     many = {f"x-h{i}": "v" for i in range(300)}
     assert_anthropic_error(keyed.post("/v1/messages", headers={**h, **many}, json={}), 431,
                            "invalid_request_error")
