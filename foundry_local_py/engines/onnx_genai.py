@@ -12,7 +12,10 @@ done, and a cancelled request's row is not reused before then. A serving loop ca
 head-of-line blocking, so :class:`_EngineRunner` keeps several engines ("lanes") on one model: the
 requests the scheduler admits between two steps start together in one lane (batched), a request
 admitted later starts at once in another (idle or new) lane, and every step runs each busy lane
-once. Removing a request cancels and closes it in its lane at once: it produces no further token
+once. A lane takes at most as many requests as the static scheduler starts in one batch (4 in
+onnxruntime-genai 0.18, whatever ``max_batch_size`` says; measured once per model by
+:meth:`OrtGenaiEngine.static_batch_size`): a fifth would wait in the engine for the whole batch.
+Removing a request cancels and closes it in its lane at once: it produces no further token
 and its place in the runner's ``max_batch`` goes to the next request immediately. Engines are cheap
 (they share the model's sessions); their KV buffers are sized per request by
 ``RequestOptions.set_max_session_tokens``.
