@@ -4,7 +4,7 @@ Benchmark-only, never part of the test suite. Our server runs the catalog varian
 its users call it); Foundry Local's runtime (``foundry-local-sdk`` from PyPI, installed into its
 own virtual environment by ``scripts/foundry_peer_venv.sh``) runs the *same folder* in-process in
 ``scripts/foundry_peer_worker.py`` (its web service does not serve locally registered models).
-Both get the same prompts, greedy, streamed, the same token counter (the model's tokenizer.json).
+Both get the same prompts, greedy, streamed, the same token counter (the model's tokenizer).
 
 Reported for both: single-stream decode tok/s and TTFT (median of alternating rounds), aggregate
 tok/s and TTFT p50/p95 at each concurrency, RSS after the run, and how many of the requests at
@@ -82,10 +82,12 @@ class FoundryPeer:
 
 
 def _counter(model_dir: Path) -> Callable[[str], int]:
-    from tokenizers import Tokenizer
+    """Tokens of a text by the model's own tokenizer (onnxruntime-genai's: the [onnx] extra)."""
+    import onnxruntime_genai as og
 
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
+    tok = og.Tokenizer(og.Model(str(model_dir)))
+    tok.update_options(add_special_tokens="false")
+    return lambda text: len(tok.encode(text))
 
 
 def _resolve(model: str, cache_dir: Path | None) -> Path:
