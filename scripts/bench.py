@@ -3,9 +3,20 @@
 
 Example: ``.venv/bin/python scripts/bench.py --vs-peer`` measures our server and
 ``python -m llama_cpp.server`` on the same GGUF at concurrency 1, 4 and 8, in one run.
+
+``scripts/bench.py --foundry-peer VENV --model <onnx variant id>`` instead compares an ONNX
+variant with Foundry Local's own runtime (``foundry-local-sdk``, installed into VENV by
+``scripts/foundry_peer_venv.sh``): see ``foundry_local_py/bench/foundry_peer.py``.
 """
 
-from foundry_local_py.cli.main import app
+import sys
 
 if __name__ == "__main__":
-    app(["bench", *__import__("sys").argv[1:]])
+    if any(a == "--foundry-peer" or a.startswith("--foundry-peer=") for a in sys.argv[1:]):
+        from foundry_local_py.bench.foundry_peer import main
+
+        main(sys.argv[1:])
+    else:
+        from foundry_local_py.cli.main import app
+
+        app(["bench", *sys.argv[1:]])

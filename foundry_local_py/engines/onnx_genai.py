@@ -12,7 +12,10 @@ done, and a cancelled request's row is not reused before then. A serving loop ca
 head-of-line blocking, so :class:`_EngineRunner` keeps several engines ("lanes") on one model: the
 requests the scheduler admits between two steps start together in one lane (batched), a request
 admitted later starts at once in another (idle or new) lane, and every step runs each busy lane
-once. Removing a request cancels and closes it in its lane at once: it produces no further token
+once. A lane takes at most as many requests as the static scheduler starts in one batch (4 in
+onnxruntime-genai 0.18, whatever ``max_batch_size`` says; measured once per model by
+:meth:`OrtGenaiEngine.static_batch_size`): a fifth would wait in the engine for the whole batch.
+Removing a request cancels and closes it in its lane at once: it produces no further token
 and its place in the runner's ``max_batch`` goes to the next request immediately. Engines are cheap
 (they share the model's sessions); their KV buffers are sized per request by
 ``RequestOptions.set_max_session_tokens``.
@@ -33,6 +36,7 @@ Every call to a runner, and ``create_runner`` itself, happens on the scheduler's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -242,6 +246,7 @@ class OrtGenaiEngine:
             n_threads=opts.n_threads,
         )
         self._closed = False
+        self._static_batch: int | None = None
 
     def _make_config(self, path: Path, og_name: str | None, provider: str, n_ctx: int) -> Any:
         opts = self.options
@@ -348,6 +353,20 @@ class OrtGenaiEngine:
     def model(self) -> Any:
         return self._model
 
+    def static_batch_size(self) -> int:
+        """How many requests one static og.Engine decodes together (measured once per model).
+
+        The static scheduler of onnxruntime-genai 0.18 starts at most 4 requests in a batch
+        whatever ``engine.static_batching.max_batch_size`` says (``get_capabilities`` reports
+        the configured value); the others wait in the engine until that whole batch is done.
+        Lanes are therefore never given more than this: a request beyond it would get no token
+        for a whole batch's time. Measured with one tiny probe batch on a throwaway engine.
+        """
+        if self._static_batch is None:
+            self._static_batch = _probe_static_batch(self, self.options.max_batch)
+            log.debug("og.Engine static batch size: %d", self._static_batch)
+        return self._static_batch
+
     @property
     def dynamic_batching(self) -> bool:
         """True for paged-attention models, whose og.Engine batches continuously by itself."""
@@ -387,6 +406,38 @@ def _seed(sp: SamplingParams) -> int:
 # --- og.Engine runner ---------------------------------------------------------------------
 
 
+def _probe_static_batch(owner: OrtGenaiEngine, wanted: int) -> int:
+    """Requests a fresh static og.Engine starts in its first batch when ``wanted`` wait (<= wanted)."""
+    if wanted <= 1:
+        return 1
+    engine = og.Engine(owner.model)
+    buffer = engine.create_event_buffer(4 * wanted + 16)
+    prompt = np.asarray(owner.tokenize("Hi", add_special=False) or [max(owner.eos_token, 0)], dtype=np.int32)
+    session = max(len(prompt) + 1, min(owner.min_session, owner.n_ctx))
+    requests = []
+    try:
+        for _ in range(wanted):
+            options = og.RequestOptions()
+            options.set_max_session_tokens(session)
+            request = engine.create_request(options=options)
+            requests.append(request)
+            turn = og.TurnOptions(request)
+            turn.set_max_generated_tokens(1)
+            turn.set_do_sample(False)
+            request.begin_turn(prompt, turn)
+        events = engine.run(buffer)
+        started = {id(events[i].request) for i in range(len(events))
+                   if int(events[i].flags.value) & (_FLAG_TOKEN | _FLAG_FINISHED)}
+    except Exception as exc:  # the probe is an optimisation: without it, lanes of max_batch
+        log.info("could not measure og.Engine's static batch size (%s)", exc)
+        return wanted
+    finally:
+        for request in requests:
+            with contextlib.suppress(Exception):
+                request.close()
+    return max(1, min(wanted, len(started)))
+
+
 @dataclass(eq=False)
 class _Seq:
     request_id: str
@@ -423,6 +474,8 @@ class _EngineRunner:
         self._continuous = owner.dynamic_batching
         """Paged-attention models: one engine admits new requests into its running batch."""
         self._lanes: list[_Lane] = [self._new_lane()]  # fails here, on this thread, if unsupported
+        self.lane_size = self.max_batch if self._continuous else owner.static_batch_size()
+        """Most requests one lane takes: more would wait in the engine for the whole batch."""
         self._by_request: dict[str, _Seq] = {}
         self._solo = _GeneratorRunner(owner)
         """Requests the static engine cannot take (per-request seeds)."""
@@ -433,7 +486,7 @@ class _EngineRunner:
 
     def _open_lane(self) -> _Lane:
         for lane in self._lanes:
-            if (self._continuous or not lane.started) and len(lane.members) < self.max_batch:
+            if (self._continuous or not lane.started) and len(lane.members) < self.lane_size:
                 return lane
         for lane in self._lanes:
             if lane.idle():

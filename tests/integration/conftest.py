@@ -4,7 +4,8 @@ Each converted-model fixture builds a catalog variant into one session-wide cach
 float32 checkpoint of a GGUF is kept in a session folder too, so SmolLM2 int8 and int4 share it)
 and returns the variant's path. They skip when the ``[convert]`` extra is not installed.
 
-- ``convert_store`` / ``convert_catalog``: the session's cache and the shipped catalog.
+- ``convert_store`` / ``convert_catalog``: the session's cache (``FOUNDRY_TEST_CONVERT_CACHE``:
+  a kept one) and the shipped catalog.
 - ``smollm2_onnx_int8`` / ``smollm2_onnx_int4``: ONNX GenAI folders (CPU) built from the SmolLM2
   Q4_1 GGUF (~35 s and ~20 s on 2 cores).
 - ``gemma3_onnx_int8``: ONNX GenAI folder built from the Gemma 3 270M Q4_K_M GGUF (~95 s).
@@ -13,6 +14,7 @@ and returns the variant's path. They skip when the ``[convert]`` extra is not in
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +40,11 @@ def convert_catalog() -> Catalog:
 
 @pytest.fixture(scope="session")
 def convert_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """The session's conversion cache; FOUNDRY_TEST_CONVERT_CACHE may name a cache kept between
+    runs (variants already built there are found, not rebuilt), for quick local runs."""
+    kept = os.environ.get("FOUNDRY_TEST_CONVERT_CACHE")
+    if kept:
+        return ModelStore(Path(kept))
     return ModelStore(tmp_path_factory.mktemp("convert-cache"))
 
 

@@ -200,15 +200,6 @@ QUESTIONS = [
 ]
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def test_four_concurrent_requests_get_their_own_answers(
     engine: OrtGenaiEngine, template: ChatTemplate
 ) -> None:
@@ -233,13 +224,9 @@ def test_four_concurrent_requests_get_their_own_answers(
     assert len(set(alone)) == len(alone), "the four questions should get four different answers"
     for i, text in enumerate(together):
         assert text.strip(), f"request {i} produced nothing"
-        # Batched int4 matmuls round differently from single-row ones, so a greedy answer may drift
-        # late; it must still be *this* request's answer: closest to its own single-request run
-        # and sharing a real prefix with it.
-        own = _common_prefix(text, alone[i])
-        assert own >= 12, (text, alone[i])
-        others = [_common_prefix(text, alone[j]) for j in range(len(alone)) if j != i]
-        assert own > max(others), (i, text, alone)
+    # Batched decoding is exact (MatMulNBits rows do not depend on the batch: see
+    # test_batch_invariance.py), so each answer is the one its request gets alone.
+    assert together == alone
 
 
 def test_cancelling_frees_the_slot_in_the_runner(engine: OrtGenaiEngine, template: ChatTemplate) -> None:
