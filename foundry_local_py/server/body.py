@@ -41,7 +41,8 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
+async def parse_body(request: Request, model: type[M], settings: Settings | None = None) -> M:
+    """The body as ``model``; with ``settings``, their tool and schema limits are checked first."""
     raw = await request.body()
     if not raw.strip():
         raise InvalidRequestError("The request body is empty; send a JSON object.", code="invalid_json")
@@ -54,9 +55,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    core = getattr(request.app.state, "core", None)
-    if core is not None:  # before validation: 20,000 tools cost pydantic ~0.3 s to validate
-        check_structure_limits(data, core.settings)
+    if settings is not None:  # before validation: 20,000 tools cost pydantic ~0.3 s to validate
+        check_structure_limits(data, settings)
     if json_depth(data) > MAX_JSON_DEPTH:
         raise InvalidRequestError(
             f"The request body nests too deeply (more than {MAX_JSON_DEPTH} levels).", code="invalid_json")

@@ -225,7 +225,7 @@ class ServingCore:
     async def handle(self, raw: Request, api: type[FrontEnd[Any]]) -> Response:
         recorder = self.recorder(raw, api.endpoint)
         try:
-            req = await api.prepare(await parse_body(raw, api.request_type))
+            req = await api.prepare(await parse_body(raw, api.request_type, self.settings))
             asks = api.asks(req, self.settings)
             model = await self.generator.resolve(asks)
             recorder.bind(model.alias)

@@ -64,14 +64,16 @@ def test_web_server_and_openai_client(tmp_path: Path):
 
 def test_examples_run_from_a_clone_with_any_python(tmp_path: Path):
     """Without foundry_local_py importable, an example re-runs itself with ./scripts/serve's
-    .venv (here: says what to do when there is none)."""
+    .venv (or, when there is none, says what to do)."""
+    script = tmp_path / "example.py"  # an example in miniature: the bootstrap, then the import
+    script.write_text(f"import sys\nsys.path.insert(0, {str(EXAMPLES)!r})\nimport _bootstrap\n"
+                      "import foundry_local_py\nprint('imported', sys.executable)\n")
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-S", "-c",
-                           "import sys; sys.path.insert(0, sys.argv[1]); import _bootstrap",
-                           str(EXAMPLES)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run([sys.executable, "-S", str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
     venv = REPO_ROOT / ".venv" / "bin" / "python"
     if venv.exists():
         assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("imported ") and ".venv" in done.stdout, done.stdout
     else:
         assert done.returncode == 1 and "run ./scripts/serve once" in done.stderr

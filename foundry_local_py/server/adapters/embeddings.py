@@ -26,7 +26,7 @@ MAX_INPUTS = 256
 async def create_embeddings(core: ServingCore, raw: Request) -> JSONResponse:
     recorder = core.recorder(raw, ENDPOINT)
     try:
-        req = await parse_body(raw, EmbeddingRequest)
+        req = await parse_body(raw, EmbeddingRequest, core.settings)
         inputs = req.inputs()
         if len(inputs) > MAX_INPUTS:
             raise InvalidRequestError(f"at most {MAX_INPUTS} inputs per request", param="input")

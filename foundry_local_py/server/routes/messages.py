@@ -31,7 +31,7 @@ async def count_tokens(request: Request) -> TokenCount:
     """The prompt of a Messages request in tokens: the same ask and renderer as /v1/messages, so
     it equals that request's ``usage.input_tokens``."""
     core = get_core(request)
-    body = await parse_body(request, CountTokensRequest)
+    body = await parse_body(request, CountTokensRequest, get_core(request).settings)
     ask = messages_ask(body)
     model = await core.generator.resolve([ask])
     tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, model, tool_plan(ask))

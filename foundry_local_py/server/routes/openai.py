@@ -94,7 +94,7 @@ async def count_tokens(request: Request) -> JSONResponse:
     import anyio
 
     core = get_core(request)
-    body = await parse_body(request, ChatCompletionRequest)
+    body = await parse_body(request, ChatCompletionRequest, core.settings)
     ask = chat_ask(body)
     lm = await core.generator.resolve([ask])
     tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, lm, tool_plan(ask))

@@ -45,7 +45,7 @@ async def create_response(request: Request) -> Response:
 async def input_tokens(request: Request) -> InputTokenCount:
     """What a /v1/responses request's input costs, rendered by the same renderer as the request."""
     core = get_core(request)
-    body = await parse_body(request, InputTokensRequest)
+    body = await parse_body(request, InputTokensRequest, get_core(request).settings)
     wire = ResponseCreateRequest.model_validate({**body.model_dump(by_alias=True, exclude_none=True),
                                                  "input": body.input if body.input is not None else []})
     call = ResponsesCall(wire=wire, history=await conversation(core.responses, body.previous_response_id),
