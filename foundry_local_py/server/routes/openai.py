@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ...cache.catalog import CatalogModel, Variant
 from ...engines.backends import backend_for
 from ...errors import ModelNotFoundError
 from ...generation import prompt_tokens, tool_plan
@@ -51,6 +52,7 @@ def _endpoints(task: str, embeddings: bool) -> list[str]:
 
 
 def model_cards(core: Core) -> list[ModelCard]:
+    """One card per model alias available here: its loaded variant, else its newest cached one."""
     cards = []
     loaded = {lm.alias: lm for lm in core.manager.loaded()}
     for model in core.catalog.models:
@@ -58,16 +60,21 @@ def model_cards(core: Core) -> list[ModelCard]:
         cached = [v for v in model.variants if core.store.is_available(model, v)]
         if lm is None and not cached:
             continue
-        variant = lm.variant if lm else max(cached, key=lambda v: v.version)
-        cards.append(ModelCard(
-            id=model.alias, owned_by=model.publisher, loaded=lm is not None, cached=bool(cached),
-            variant=variant.id, engine=lm.engine.info.engine if lm else None,
-            device=lm.engine.info.device if lm else variant.device,
-            context_length=lm.engine.info.n_ctx if lm else model.context_length,
-            endpoints=_endpoints(model.task, (lm.engine.info.capabilities if lm else
-                                              backend_for(variant.format).capabilities).embeddings),
-        ))
+        cards.append(_card(core, model, lm.variant if lm else max(cached, key=lambda v: v.version)))
     return cards
+
+
+def _card(core: Core, model: CatalogModel, variant: Variant) -> ModelCard:
+    lm = next((m for m in core.manager.loaded() if m.id == variant.id), None)
+    return ModelCard(
+        id=model.alias, owned_by=model.publisher, loaded=lm is not None,
+        cached=any(core.store.is_available(model, v) for v in model.variants),
+        variant=variant.id, engine=lm.engine.info.engine if lm else None,
+        device=lm.engine.info.device if lm else variant.device,
+        context_length=lm.engine.info.n_ctx if lm else model.context_length,
+        endpoints=_endpoints(model.task, (lm.engine.info.capabilities if lm else
+                                          backend_for(variant.format).capabilities).embeddings),
+    )
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -79,11 +86,15 @@ async def list_models(request: Request) -> ModelList:
 async def get_model(model_id: str, request: Request) -> ModelCard:
     core = get_core(request)
     model, variant = core.catalog.lookup(model_id)
-    for card in model_cards(core):
-        if card.id == model.alias and (variant is None or card.variant == variant.id):
-            if variant is not None:
-                card.id = model_id
-            return card
+    if variant is None:  # an alias: its card in the list
+        for card in model_cards(core):
+            if card.id == model.alias:
+                return card
+    elif core.store.is_available(model, variant) or core.manager.find_loaded(variant.id):
+        # A variant id: that variant's card, whichever variant of the alias is loaded.
+        card = _card(core, model, variant)
+        card.id = model_id
+        return card
     raise ModelNotFoundError(model_id, detail="It is not available on this machine.")
 
 
