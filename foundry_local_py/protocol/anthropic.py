@@ -24,29 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .common import WireModel
-
-TEXT_ONLY = "this server serves text-only models"
-
-
-def _type_of(value: Any) -> Any:
-    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-
-
-def _text_or_list(value: Any) -> str | None:
-    if isinstance(value, str):
-        return "<text>"
-    if isinstance(value, list):
-        return "<list>"
-    return None
-
-
-def _unsupported(kind: str, value: str, why: str) -> PydanticCustomError:
-    return PydanticCustomError(
-        "unsupported", "{kind} of type '{value}' are not supported: {why}",
-        {"kind": kind, "value": value[:64], "why": why},
-    )
-
+from .common import TEXT_ONLY, WireModel, text_or_list, type_of, unsupported
 
 # --- content blocks -----------------------------------------------------------------------------
 
@@ -76,12 +54,12 @@ class UnsupportedBlock(WireModel):
     @field_validator("type")
     @classmethod
     def _refuse(cls, value: str) -> str:
-        raise _unsupported("content blocks", value,
+        raise unsupported("content blocks", value,
                            f"{TEXT_ONLY}; messages may hold text, tool_use and tool_result blocks")
 
 
 def _text_block_tag(value: Any) -> str | None:
-    t = _type_of(value)
+    t = type_of(value)
     if not isinstance(t, str):
         return None
     return "<text>" if t == "text" else "<unsupported>"
@@ -95,7 +73,7 @@ ToolResultContentBlock = Annotated[
 
 ToolResultContent = Annotated[
     Annotated[str, Tag("<text>")] | Annotated[list[ToolResultContentBlock], Tag("<list>")],
-    Discriminator(_text_or_list, custom_error_type="invalid_content",
+    Discriminator(text_or_list, custom_error_type="invalid_content",
                   custom_error_message="content must be a string or a list of content blocks"),
 ]
 
@@ -121,7 +99,7 @@ _BLOCK_TYPES = {"text", "tool_use", "tool_result"}
 
 
 def _block_tag(value: Any) -> str | None:
-    t = _type_of(value)
+    t = type_of(value)
     if not isinstance(t, str):
         return None
     return f"<{t}>" if t in _BLOCK_TYPES else "<unsupported>"
@@ -138,7 +116,7 @@ ContentBlockParam = Annotated[
 
 MessageContent = Annotated[
     Annotated[str, Tag("<text>")] | Annotated[list[ContentBlockParam], Tag("<list>")],
-    Discriminator(_text_or_list, custom_error_type="invalid_content",
+    Discriminator(text_or_list, custom_error_type="invalid_content",
                   custom_error_message="content must be a string or a list of content blocks"),
 ]
 
@@ -155,7 +133,7 @@ class MessageParam(WireModel):
 
 SystemPrompt = Annotated[
     Annotated[str, Tag("<text>")] | Annotated[list[ToolResultContentBlock], Tag("<list>")],
-    Discriminator(_text_or_list, custom_error_type="invalid_system",
+    Discriminator(text_or_list, custom_error_type="invalid_system",
                   custom_error_message="system must be a string or a list of text blocks"),
 ]
 
@@ -182,13 +160,13 @@ class UnsupportedTool(WireModel):
     @field_validator("type")
     @classmethod
     def _refuse(cls, value: str) -> str:
-        raise _unsupported("tools", value, "this server runs client tools only (no 'type', or 'custom')")
+        raise unsupported("tools", value, "this server runs client tools only (no 'type', or 'custom')")
 
 
 def _tool_tag(value: Any) -> str | None:
     if not isinstance(value, (dict, BaseModel)):
         return None
-    t = _type_of(value)
+    t = type_of(value)
     return "<custom>" if t is None or t == "custom" else "<unsupported>"
 
 
@@ -220,7 +198,7 @@ class ToolChoiceNone(WireModel):
 
 
 def _choice_tag(value: Any) -> str | None:
-    t = _type_of(value)
+    t = type_of(value)
     return f"<{t}>" if t in ("auto", "any", "tool", "none") else None
 
 

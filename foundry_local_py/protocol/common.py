@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic_core import PydanticCustomError
 
 # Floats reject NaN and +-Inf (Python's json module accepts them as literals).
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
@@ -37,6 +38,31 @@ def as_list(value: TextsOrTokens) -> list[str | list[int]]:
     if all(isinstance(x, int) for x in value):
         return [list(value)]  # type: ignore[arg-type]
     return list(value)  # type: ignore[arg-type]
+
+
+TEXT_ONLY = "this server serves text-only models"
+
+
+def type_of(value: Any) -> Any:
+    """A content part's or block's ``type``, whether it is still a dict or already a model."""
+    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+
+
+def text_or_list(value: Any) -> str | None:
+    """Discriminator tag of a ``str | list[...]`` content field."""
+    if isinstance(value, str):
+        return "<text>"
+    if isinstance(value, list):
+        return "<list>"
+    return None
+
+
+def unsupported(kind: str, value: str, why: str) -> PydanticCustomError:
+    """The 400 for a content type this server refuses (names the type, says why)."""
+    return PydanticCustomError(
+        "unsupported", "{kind} of type '{value}' are not supported: {why}",
+        {"kind": kind, "value": value[:64], "why": why},
+    )
 
 
 class WireModel(BaseModel):

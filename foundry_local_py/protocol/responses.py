@@ -27,29 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .common import Temperature, TopP, WireModel
-
-TEXT_ONLY = "this server serves text-only models"
-
-
-def _type_of(value: Any) -> Any:
-    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-
-
-def _unsupported(kind: str, value: str, why: str) -> PydanticCustomError:
-    return PydanticCustomError(
-        "unsupported", "{kind} of type '{value}' are not supported: {why}",
-        {"kind": kind, "value": value[:64], "why": why},
-    )
-
-
-def _text_or_list(value: Any) -> str | None:
-    if isinstance(value, str):
-        return "<text>"
-    if isinstance(value, list):
-        return "<list>"
-    return None
-
+from .common import TEXT_ONLY, Temperature, TopP, WireModel, text_or_list, type_of, unsupported
 
 # --- input content ------------------------------------------------------------------------------
 
@@ -80,14 +58,14 @@ class UnsupportedPart(WireModel):
     @field_validator("type")
     @classmethod
     def _refuse(cls, value: str) -> str:
-        raise _unsupported("content parts", value, TEXT_ONLY)
+        raise unsupported("content parts", value, TEXT_ONLY)
 
 
 _TEXT_PARTS = {"input_text", "output_text", "refusal"}
 
 
 def _part_tag(value: Any) -> str | None:
-    t = _type_of(value)
+    t = type_of(value)
     if not isinstance(t, str):
         return None
     return f"<{t}>" if t in _TEXT_PARTS else "<unsupported>"
@@ -104,7 +82,7 @@ ContentPart = Annotated[
 
 Content = Annotated[
     Annotated[str, Tag("<text>")] | Annotated[list[ContentPart], Tag("<list>")],
-    Discriminator(_text_or_list, custom_error_type="invalid_content",
+    Discriminator(text_or_list, custom_error_type="invalid_content",
                   custom_error_message="content must be a string or a list of content parts"),
 ]
 
@@ -173,7 +151,7 @@ class UnsupportedItem(WireModel):
     @field_validator("type")
     @classmethod
     def _refuse(cls, value: str) -> str:
-        raise _unsupported("input items", value, "this server handles messages, function_call and "
+        raise unsupported("input items", value, "this server handles messages, function_call and "
                            "function_call_output items")
 
 
@@ -181,7 +159,7 @@ _ITEM_TYPES = {"message", "function_call", "function_call_output"}
 
 
 def _item_tag(value: Any) -> str | None:
-    t = _type_of(value)
+    t = type_of(value)
     if t is None and isinstance(value, dict) and "role" in value:
         return "<message>"
     if not isinstance(t, str):
@@ -202,7 +180,7 @@ InputItem = Annotated[
 Input = Annotated[
     Annotated[Annotated[str, Field(min_length=1)], Tag("<text>")]
     | Annotated[list[InputItem], Tag("<list>")],
-    Discriminator(_text_or_list, custom_error_type="invalid_input",
+    Discriminator(text_or_list, custom_error_type="invalid_input",
                   custom_error_message="input must be a string or a list of input items"),
 ]
 
@@ -226,11 +204,11 @@ class UnsupportedTool(WireModel):
     @field_validator("type")
     @classmethod
     def _refuse(cls, value: str) -> str:
-        raise _unsupported("tools", value, "this server runs function tools only")
+        raise unsupported("tools", value, "this server runs function tools only")
 
 
 def _tool_tag(value: Any) -> str | None:
-    t = _type_of(value)
+    t = type_of(value)
     if not isinstance(t, str):
         return None
     return "<function>" if t == "function" else "<unsupported>"
@@ -268,7 +246,7 @@ class FormatJsonSchema(WireModel):
 
 
 def _format_tag(value: Any) -> str | None:
-    t = _type_of(value)
+    t = type_of(value)
     return f"<{t}>" if t in ("text", "json_object", "json_schema") else None
 
 
