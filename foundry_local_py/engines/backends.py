@@ -199,7 +199,7 @@ def _ort_provider_problem(inv: HardwareInventory, device: str, ep: str) -> str |
     return None
 
 
-def _file_bytes(path: Path) -> int:
+def size_on_disk(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -220,7 +220,7 @@ def _estimate_gguf(path: Path, options: EngineOptions) -> MemoryEstimate:
 
     per_token, n_ctx_train = kv_bytes_per_token(path)
     n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CONTEXT)
-    return MemoryEstimate(_file_bytes(path), per_token * n_ctx * options.max_batch,
+    return MemoryEstimate(size_on_disk(path), per_token * n_ctx * options.max_batch,
                           options.prompt_cache_bytes)
 
 
@@ -250,7 +250,7 @@ def _estimate_onnx(path: Path, options: EngineOptions) -> MemoryEstimate:
         n_ctx_train = DEFAULT_CONTEXT
     n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CONTEXT)
     per_token = 2 * layers * kv_heads * head * 2
-    return MemoryEstimate(_file_bytes(path), per_token * n_ctx * options.max_batch)
+    return MemoryEstimate(size_on_disk(path), per_token * n_ctx * options.max_batch)
 
 
 LLAMA_CPP = Backend(

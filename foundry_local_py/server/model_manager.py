@@ -35,7 +35,7 @@ from ..cache.catalog import Catalog, CatalogModel, Variant
 from ..cache.hub import ensure_hub_model, is_hub_name
 from ..cache.store import ModelStore
 from ..config import Settings, auto_parallel
-from ..engines.backends import EngineOptions, MemoryEstimate, backend_for, load_engine
+from ..engines.backends import EngineOptions, MemoryEstimate, backend_for, load_engine, size_on_disk
 from ..engines.base import ChatTemplateSpec, Engine
 from ..engines.chat_format import ChatFormatter
 from ..engines.probe import probe_model
@@ -419,7 +419,5 @@ def _estimate(variant: Variant, path: Path, options: EngineOptions) -> MemoryEst
         return backend_for(variant.format).estimate_memory(path, options)
     except Exception as exc:
         log.debug("memory estimate for %s failed (%s); using its size on disk", variant.id, exc)
-        size = path.stat().st_size if path.is_file() else sum(
-            p.stat().st_size for p in path.rglob("*") if p.is_file())
-        return MemoryEstimate(size, 0, options.prompt_cache_bytes)
+        return MemoryEstimate(size_on_disk(path), 0, options.prompt_cache_bytes)
 
