@@ -262,7 +262,7 @@ class AdapterStore:
                     f"LoRA adapters attach to GGUF models (llama.cpp); '{variant.id}' is {variant.format}",
                     param="base")
             if self.models.is_available(model, variant):
-                return model, variant, self.models.resolve(model, variant, verify=False)
+                return model, variant, self.models.resolve(model, variant)
         if not candidates:
             raise InvalidRequestError(f"'{model.alias}' has no GGUF variant to attach a LoRA adapter to",
                                       param="base")
@@ -270,10 +270,11 @@ class AdapterStore:
             f"Its GGUF variant is not in the cache; run 'foundry-local model download {candidates[0].id}'."))
 
     def register(self, source: Path, *, base: str, name: str, extra: dict[str, Any] | None = None,
-                 replace: bool = True) -> AdapterRecord:
+                 replace: bool = True, origin: str | None = None) -> AdapterRecord:
         """Validate ``source`` (a GGUF LoRA file or a PEFT folder) against ``base`` and land it as
         adapter ``name``. 400: bad name or file; 409: made for another base (or, with
-        ``replace=False``, the name is taken)."""
+        ``replace=False``, the name is taken). ``origin`` overrides the recorded source kind
+        ('runtime': loaded through the API)."""
         check_name(name)
         model, variant, base_path = self.base_file(base)
         folder = self.folder(name)
@@ -297,7 +298,7 @@ class AdapterStore:
                 base_sha256=self._base_sha256(model, variant, base_path),
                 sha256=sha256_file(target), size=target.stat().st_size,
                 architecture=info.architecture, rank=info.rank, alpha=info.alpha,
-                targets=sorted(info.pairs), source=kind, created=_now(),
+                targets=sorted(info.pairs), source=origin or kind, created=_now(),
                 extra={**({"export": converted} if converted else {}), **(extra or {})},
             )
             (staging / ADAPTER_MANIFEST).write_text(record.model_dump_json(indent=2), encoding="utf-8")
@@ -322,6 +323,9 @@ class AdapterStore:
         return record
 
     def _base_sha256(self, model: CatalogModel, variant: Variant, path: Path) -> str:
+        known = getattr(variant.source, "sha256", None)
+        if isinstance(known, str) and known:
+            return known
         manifest = self.models.manifest(model, variant)
         if manifest is not None:
             for f in manifest.files:

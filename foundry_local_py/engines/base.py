@@ -169,6 +169,9 @@ class ServesLora(Protocol):
     def loaded_loras(self) -> list[str]:
         """Names of the adapters held in memory now."""
 
+    def preload_lora(self, ref: LoraRef) -> None:
+        """Load ``ref`` now (not on its first request); 400 when the engine cannot."""
+
     def unload_lora(self, name: str) -> int:
         """Free the adapters called ``name`` not in use (those in use go when their requests
         end); returns how many were held."""

@@ -60,6 +60,7 @@ from .base import (
     Constraint,
     EngineInfo,
     GenerationRequest,
+    LoraRef,
     LoraSet,
     SamplingParams,
     SequenceFailure,
@@ -382,6 +383,10 @@ class LlamaCppEngine:
                 if entry.users <= 0 and entry.retired:
                     self._free_lora(entry)
             self._trim_loras()
+
+    def preload_lora(self, ref: LoraRef) -> None:
+        refs = (ref,)
+        self.release_loras(refs, self.acquire_loras(refs))
 
     def loaded_loras(self) -> list[str]:
         with self._lora_lock:

@@ -19,6 +19,10 @@ class ModelCard(BaseModel):
     engine: str | None = None
     device: str | None = None
     context_length: int | None = None
+    parent: str | None = None
+    """For a LoRA adapter: its base model's id (vLLM's field); None for a base model."""
+    root: str | None = None
+    """vLLM's field: a base model's variant; an adapter's own name."""
     endpoints: list[str] = Field(default_factory=list)
     """The generating routes this model answers (a chat model: chat completions, completions, the
     Responses API, the Messages API; a base model: completions), and /v1/embeddings when its

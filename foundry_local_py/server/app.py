@@ -19,7 +19,7 @@ from ..protocol.embeddings import EmbeddingRequest
 from ..protocol.responses import InputTokensRequest, ResponseCreateRequest
 from .errors import install_error_handlers
 from .middleware import GuardMiddleware
-from .routes import foundry, health, messages, openai, responses
+from .routes import foundry, health, lora, messages, openai, responses
 from .state import Core, EngineLoader, build_core
 from .transport import Drain
 
@@ -90,6 +90,7 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
     app.include_router(foundry.router)
     app.include_router(responses.router)
     app.include_router(messages.router)
+    app.include_router(lora.router)
     # Body schemas for the docs (the routes parse bodies themselves, whatever the content type).
     app.openapi_schema = None
     _register_schemas(app)
