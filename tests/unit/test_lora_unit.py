@@ -135,3 +135,28 @@ def test_the_prompt_cache_finds_only_states_of_the_same_adapter_set() -> None:
     assert found is not None and found[0].state == b"lora"
     assert cache.lookup(arr, 4, (("sha", 0.5),)) is None
     assert len(cache) == 2
+
+
+def test_cli_register_list_info_remove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from foundry_local_py.cli.main import app
+
+    monkeypatch.setenv("FOUNDRY_LOCAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+    src = write_lora(tmp_path / "a.gguf")
+    out = runner.invoke(app, ["adapter", "register", str(src), "--base", SMOLLM, "--name", "support-bot"])
+    assert out.exit_code == 0 and f"{SMOLLM}:support-bot" in out.output, out.output
+    listed = runner.invoke(app, ["adapter", "list", "--json"])
+    assert [a["model"] for a in json.loads(listed.output)] == [f"{SMOLLM}:support-bot"]
+    info = runner.invoke(app, ["adapter", "info", "support-bot"])
+    assert info.exit_code == 0 and json.loads(info.output)["base"] == SMOLLM
+    bad = runner.invoke(app, ["adapter", "register", str(write_lora(tmp_path / "g.gguf", dims=GEMMA_DIMS)),
+                              "--base", SMOLLM, "--name", "gem"])
+    assert bad.exit_code == 1 and "gemma3" in bad.output and "Traceback" not in bad.output
+    assert runner.invoke(app, ["adapter", "remove", "support-bot", "--yes"]).exit_code == 0
+    assert json.loads(runner.invoke(app, ["adapter", "list", "--json"]).output) == []
+    assert runner.invoke(app, ["adapter", "info", "support-bot"]).exit_code == 1
