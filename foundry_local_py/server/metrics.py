@@ -53,7 +53,7 @@ class ModelState:
     """Adapters of running requests (vLLM's ``running_lora_adapters``)."""
     lora_waiting: tuple[str, ...] = ()
     max_lora: int = 0
-    """Adapters kept loaded at most (``max_loras``; 0: the engine serves none)."""
+    """Adapters kept loaded at most (``max_loras``; 0: the model's engine serves none)."""
 
 
 class _Registry(CollectorRegistry):
@@ -117,10 +117,9 @@ class _StateCollector(Collector):
             slots.add_metric([s.model], s.slots)
             kv.add_metric([s.model], s.kv_usage)
             loaded.add_metric([s.model, s.engine, s.device], 1)
-            if s.max_lora:
-                loras.add_metric([s.model], s.lora_loaded)
-                lora_info.add_metric([s.model, ",".join(s.lora_running), ",".join(s.lora_waiting),
-                                      str(s.max_lora)], 1)
+            loras.add_metric([s.model], s.lora_loaded)
+            lora_info.add_metric([s.model, ",".join(s.lora_running), ",".join(s.lora_waiting),
+                                  str(s.max_lora)], 1)
         yield running
         yield waiting
         yield capacity
