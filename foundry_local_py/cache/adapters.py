@@ -45,9 +45,6 @@ ADAPTERS_DIR = "adapters"
 ADAPTER_FILE = "adapter.gguf"
 ADAPTER_MANIFEST = "adapter.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MAX_SCALE = 4.0
-"""Largest |scale| a request may give an adapter (llama.cpp accepts any float; beyond a few the
-output is noise)."""
 
 
 class AdapterNotFoundError(NotFoundError):

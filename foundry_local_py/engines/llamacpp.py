@@ -444,6 +444,11 @@ class LlamaCppEngine:
         return self._vocab
 
 
+def _same(a: list[Any], b: list[Any]) -> bool:
+    """The same adapter handles (by identity), in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 def constraint_to_gbnf(constraint: Constraint) -> str:
     """Compile an engine-neutral constraint to a llama.cpp GBNF grammar (400 on bad schemas)."""
     if constraint.kind == "json_object" and constraint.schema is None:
@@ -535,6 +540,8 @@ class _LlamaRunner:
                        if self._share and opts.prompt_cache_bytes > 0 else None)
         self._ctx_lora: tuple[tuple[str, float], ...] = ()
         """The adapter set on the context now (``llama_set_adapters_lora`` is called on a change)."""
+        self._ctx_ptrs: list[Any] = []
+        """Those adapters' handles (a re-loaded adapter has the same key but another handle)."""
         self._steps = 0
 
     # --- protocol -----------------------------------------------------------------------
@@ -687,7 +694,7 @@ class _LlamaRunner:
         self._steps += 1
         for s in slots:
             s.served = self._steps
-        if slots and slots[0].lora_key != self._ctx_lora:
+        if slots and (slots[0].lora_key != self._ctx_lora or not _same(slots[0].lora_ptrs, self._ctx_ptrs)):
             self._set_lora(slots[0].lora_ptrs, slots[0].lora)
 
     def _set_lora(self, ptrs: list[Any], lora: LoraSet) -> None:
@@ -696,14 +703,14 @@ class _LlamaRunner:
         scales = (ctypes.c_float * n)(*(r.scale for r in lora)) if n else None
         if llama_cpp.llama_set_adapters_lora(self._ctx, arr, n, scales) != 0:
             raise EngineError("the inference engine could not apply the LoRA adapters")
-        self._ctx_lora = lora_key(lora)
+        self._ctx_lora, self._ctx_ptrs = lora_key(lora), list(ptrs)
 
     def _release_lora(self, slot: _Slot) -> None:
         """Release a finished sequence's adapters, first taking them off the context when no
         running sequence uses the context's set (so that an unused adapter is on no context)."""
         if not slot.lora_ptrs:
             return
-        if self._ctx_lora and not any(s.lora_key == self._ctx_lora for s in self._by_request.values()):
+        if self._ctx_ptrs and not any(_same(s.lora_ptrs, self._ctx_ptrs) for s in self._by_request.values()):
             self._set_lora([], ())
         self.engine.release_loras(slot.lora, slot.lora_ptrs)
         slot.lora_ptrs = []
