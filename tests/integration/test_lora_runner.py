@@ -5,7 +5,6 @@ and adapter lifetimes (LRU beyond max_loras, TTL, unload while in use)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
