@@ -46,7 +46,8 @@ class Driver:
         rid = f"r{self.n}"
         self.n += 1
         self.out[rid] = []
-        self.runner.add(GenerationRequest(rid, list(self.prompt), 16, SamplingParams(temperature=0), [], lora))
+        greedy = SamplingParams(temperature=0)
+        self.runner.add(GenerationRequest(rid, list(self.prompt), 16, greedy, [], lora))
         return rid
 
     def step(self, limit: int = 16) -> set[str]:
