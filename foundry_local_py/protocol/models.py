@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
+
+from .common import WireModel
 
 
 class ModelCard(BaseModel):
@@ -27,6 +29,21 @@ class ModelCard(BaseModel):
     """The generating routes this model answers (a chat model: chat completions, completions, the
     Responses API, the Messages API; a base model: completions), and /v1/embeddings when its
     engine produces embeddings."""
+
+
+class LoadLoraAdapterRequest(WireModel):
+    """vLLM's body for POST /v1/load_lora_adapter (``model``: our extension, the base)."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=64)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        None, description="The base model (alias); default: the one loaded model.")
+
+
+class UnloadLoraAdapterRequest(WireModel):
+    """vLLM's body for POST /v1/unload_lora_adapter."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class ModelList(BaseModel):

@@ -16,6 +16,7 @@ from ..protocol.anthropic import CountTokensRequest, MessagesRequest
 from ..protocol.chat import ChatCompletionRequest
 from ..protocol.completions import CompletionRequest
 from ..protocol.embeddings import EmbeddingRequest
+from ..protocol.models import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from ..protocol.responses import InputTokensRequest, ResponseCreateRequest
 from .errors import install_error_handlers
 from .middleware import GuardMiddleware
@@ -115,7 +116,8 @@ def _register_schemas(app: FastAPI) -> None:
         schema = original()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponseCreateRequest,
-                      InputTokensRequest, MessagesRequest, CountTokensRequest):
+                      InputTokensRequest, MessagesRequest, CountTokensRequest, LoadLoraAdapterRequest,
+                      UnloadLoraAdapterRequest):
             components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(components[model.__name__].pop("$defs", {}))
         app.openapi_schema = schema

@@ -12,38 +12,30 @@ registered at runtime is also unregistered.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import Field
 
 from ...cache.adapters import check_name
 from ...engines.base import LoraRef, ServesLora
 from ...errors import InvalidRequestError, PermissionDeniedError
-from ...protocol.common import WireModel
+from ...protocol.models import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from ..body import parse_body
 from ..state import get_core
 
 router = APIRouter()
 
 
-class LoadLoraRequest(WireModel):
-    lora_name: Annotated[str, Field(min_length=1, max_length=64)]
-    lora_path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
-    model: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
-        None, description="The base model (alias); default: the one loaded model.")
+def _body_schema(model: type) -> dict[str, object]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
-class UnloadLoraRequest(WireModel):
-    lora_name: Annotated[str, Field(min_length=1, max_length=64)]
-
-
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", openapi_extra=_body_schema(LoadLoraAdapterRequest))
 async def load_lora_adapter(request: Request) -> JSONResponse:
     core = get_core(request)
-    body = await parse_body(request, LoadLoraRequest, core.settings)
+    body = await parse_body(request, LoadLoraAdapterRequest, core.settings)
     name = check_name(body.lora_name, param="lora_name")
     manager = core.manager
     if body.lora_path is not None:
@@ -76,10 +68,10 @@ async def load_lora_adapter(request: Request) -> JSONResponse:
                          "message": f"Success: LoRA adapter '{record.name}' added successfully."})
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", openapi_extra=_body_schema(UnloadLoraAdapterRequest))
 async def unload_lora_adapter(request: Request) -> JSONResponse:
     core = get_core(request)
-    body = await parse_body(request, UnloadLoraRequest, core.settings)
+    body = await parse_body(request, UnloadLoraAdapterRequest, core.settings)
     name = check_name(body.lora_name, param="lora_name")
     manager = core.manager
     record = await anyio.to_thread.run_sync(manager.adapters.get, name)
