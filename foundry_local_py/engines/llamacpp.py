@@ -685,7 +685,8 @@ class _LlamaRunner:
         waited longest (groups take turns; with the base alone it is always the base)."""
         best: _Slot | None = None
         for s in self._slots:
-            if s.request_id is not None and (best is None or s.served < best.served):
+            runnable = s.request_id is not None and (s.pending is not None or s.prefilling)
+            if runnable and (best is None or s.served < best.served):
                 best = s
         return best.lora_key if best is not None else ()
 
