@@ -153,6 +153,16 @@ class Settings(BaseSettings):
         False, description="Deterministic mode: at temperature 0 or with a seed, the same request "
         "gives the same tokens whatever else runs, is cached or arrived first (llama.cpp on the "
         "CPU only; prefills long new prompts ~1.2x slower).")
+    max_loras: int = Field(
+        4, ge=1, description="LoRA adapters kept loaded per model (least recently used idle ones "
+        "are freed beyond it; more may be held while requests use them).")
+    lora_ttl_s: float = Field(
+        600.0, ge=0, description="Free a loaded LoRA adapter idle this long (0: keep it while its "
+        "model is loaded).")
+    allow_runtime_lora_updating: bool = Field(
+        False, description="Let POST /v1/load_lora_adapter register an adapter from a file path "
+        "on this machine (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING); off: only registered "
+        "adapters can be loaded.")
 
     # --- scheduling ----------------------------------------------------------------------
     max_queue: int = Field(64, ge=0, description="Requests waiting per model before 429.")

@@ -52,6 +52,12 @@ class AuthenticationError(FoundryError):
     default_code = "invalid_api_key"
 
 
+class PermissionDeniedError(FoundryError):
+    status = 403
+    type = "permission_error"
+    default_code = "forbidden"
+
+
 class NotFoundError(FoundryError):
     status = 404
     type = "invalid_request_error"

@@ -13,7 +13,7 @@ import json
 import secrets
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -174,7 +174,9 @@ async def run_level(
     timeout_s: float = 600.0,
     api: str = "chat",
     unique_prompts: bool = False,
+    models: Sequence[str] = (),
 ) -> LevelResult:
+    """``models``: request i names ``models[i % len(models)]`` (a mix); empty: ``model``."""
     url = _url(base_url, api)
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
@@ -185,7 +187,8 @@ async def run_level(
                 prompt = PROMPTS[i % len(PROMPTS)]
                 if unique_prompts:
                     prompt = f"{prompt} (ref {secrets.token_hex(3)})"
-                return await _one(client, url, model, prompt, max_tokens, api_key=api_key)
+                name = models[i % len(models)] if models else model
+                return await _one(client, url, name, prompt, max_tokens, api_key=api_key)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(requests)))

@@ -102,3 +102,41 @@ def read_gguf_info(path: Path) -> GgufInfo:
         context_length=int(ctx) if isinstance(ctx, int) and ctx > 0 else None,
         chat_template=template if isinstance(template, str) and template.strip() else None,
     )
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """A GGUF file's scalar metadata (strings and numbers; arrays skipped) and tensor shapes
+    (GGML order: ``ne[0]`` first)."""
+
+    values: dict[str, Any]
+    tensors: dict[str, tuple[int, ...]]
+
+
+def read_gguf_header(path: Path) -> GgufHeader:
+    """Metadata and tensor shapes from the header only (fast even for a large vocabulary)."""
+    values: dict[str, Any] = {}
+    tensors: dict[str, tuple[int, ...]] = {}
+    with path.open("rb") as f:
+        if _read(f, 4) != GGUF_MAGIC:
+            raise ValueError("not a GGUF file")
+        if _u32(f) < 2:
+            raise ValueError("GGUF version 1 is not supported")
+        n_tensors, kv_count = _u64(f), _u64(f)
+        if kv_count > MAX_KV or n_tensors > MAX_KV:
+            raise ValueError("too many GGUF entries")
+        for _ in range(kv_count):
+            key = _string(f) or ""
+            vtype = _u32(f)
+            value = _value(f, vtype, keep=vtype != _ARRAY)
+            if value is not None:
+                values[key] = value
+        for _ in range(n_tensors):
+            name = _string(f) or ""
+            n_dims = _u32(f)
+            if n_dims > 8:
+                raise ValueError("GGUF tensor with too many dimensions")
+            tensors[name] = tuple(_u64(f) for _ in range(n_dims))
+            _u32(f)  # type
+            _u64(f)  # offset
+    return GgufHeader(values, tensors)

@@ -31,11 +31,26 @@ def bench(  # noqa: PLR0917 - one parameter per flag
         help="Another checkout of this project to bench in the same run (before/after)")] = None,
     engines: Annotated[bool, typer.Option("--engines", help="Compare the model's local variants "
                                           "(llama.cpp vs ONNX) in-process instead")] = False,
+    lora_mix: Annotated[bool, typer.Option("--lora-mix", help="Base only vs base + 2 LoRA adapters mixed, "
+                                           "same concurrency (the highest level), one run")] = False,
+    adapter: Annotated[list[Path] | None, typer.Option(
+        help="GGUF LoRA for --lora-mix (twice; default: two random rank-8 adapters)")] = None,
+    rounds: Annotated[int, typer.Option(help="--lora-mix: base/mixed pairs (alternating)")] = 1,
 ) -> None:
     if engines:
         from ..bench.engines import compare
 
         compare(model, n_threads=n_threads or physical_cores())
+        return
+    if lora_mix:
+        from ..bench.lora_mix import MixConfig, run_mix
+
+        top = max(int(c) for c in concurrency.split(",") if c.strip())
+        run_mix(MixConfig(
+            model=model, requests=requests, concurrency=top,
+            max_tokens=max_tokens, n_threads=n_threads or physical_cores(), adapters=adapter or [],
+            server_args=server_arg or [], json_path=json_out, rounds=rounds,
+        ))
         return
     from ..bench.run import BenchConfig, run
 

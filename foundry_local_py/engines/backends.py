@@ -52,6 +52,7 @@ class Capabilities:
     """Structured output (json_object / json_schema, forced tool calls)."""
     embeddings: bool = False
     lora_adapters: bool = False
+    """Serves LoRA adapters per request (``GenerationRequest.lora``)."""
     prefix_cache: bool = False
     """Reuses cached KV for a shared prompt prefix (reported as cached_tokens)."""
     max_batch: int | None = None
@@ -74,6 +75,8 @@ class EngineOptions:
     prompt_cache_bytes: int = 256 << 20
     deterministic: bool = False
     """Deterministic mode (the backend's ``Capabilities.deterministic`` must be True)."""
+    max_loras: int = 4
+    """LoRA adapters kept loaded (engines with ``Capabilities.lora_adapters``)."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ def _load_gguf(path: Path, options: EngineOptions) -> Engine:
         n_threads=options.n_threads, n_ctx=options.n_ctx, max_batch=options.max_batch,
         n_gpu_layers=0 if options.execution_provider == "cpu" else -1,
         prompt_cache_bytes=options.prompt_cache_bytes, deterministic=options.deterministic,
+        max_loras=options.max_loras,
     ))
 
 
@@ -259,7 +263,7 @@ LLAMA_CPP = Backend(
     model_type="GGUF",
     capabilities=Capabilities(
         sampling=frozenset(SAMPLING_FIELDS), logprobs=True, constraints=True, embeddings=True,
-        prefix_cache=True, deterministic=True,
+        prefix_cache=True, deterministic=True, lora_adapters=True,
     ),
     providers=frozenset({"cpu", "cuda", "metal"}),
     recognise=_is_gguf,

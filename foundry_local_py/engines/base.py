@@ -48,6 +48,26 @@ class SamplingParams:
     constraint: Constraint | None = None
 
 
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA adapter a sequence runs with: a validated GGUF LoRA file and its scale."""
+
+    name: str
+    path: Path
+    sha256: str
+    """Identity of the file's content: KV computed under an adapter set is keyed by it."""
+    scale: float = 1.0
+
+
+LoraSet = tuple[LoraRef, ...]
+"""A sequence's adapters, sorted by (sha256, scale); empty for the base model."""
+
+
+def lora_key(lora: LoraSet) -> tuple[tuple[str, float], ...]:
+    """What decides whether KV computed under one adapter set may serve another: equal keys only."""
+    return tuple((r.sha256, r.scale) for r in lora)
+
+
 @dataclass
 class GenerationRequest:
     request_id: str
@@ -55,6 +75,8 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    lora: LoraSet = ()
+    """LoRA adapters applied to this sequence (engines whose capabilities include lora_adapters)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +160,24 @@ class ReportsKvUsage(Protocol):
     def kv_usage(self) -> float:
         """KV cache held by running sequences / the runner's capacity (0 to 1). Cheap: the
         scheduler reads it once per step, on its worker thread."""
+
+
+@runtime_checkable
+class ServesLora(Protocol):
+    """An engine that holds LoRA adapters (loaded on a sequence's first use, freed by these)."""
+
+    def loaded_loras(self) -> list[str]:
+        """Names of the adapters held in memory now."""
+
+    def preload_lora(self, ref: LoraRef) -> None:
+        """Load ``ref`` now (not on its first request); 400 when the engine cannot."""
+
+    def unload_lora(self, name: str) -> int:
+        """Free the adapters called ``name`` not in use (those in use go when their requests
+        end); returns how many were held."""
+
+    def expire_loras(self, idle_s: float) -> int:
+        """Free adapters unused for ``idle_s`` seconds; returns how many were freed."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ import json
 import logging
 import os
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,11 +60,14 @@ from .base import (
     Constraint,
     EngineInfo,
     GenerationRequest,
+    LoraRef,
+    LoraSet,
     SamplingParams,
     SequenceFailure,
     TokenLogprobs,
     TokenOutput,
     TopCandidate,
+    lora_key,
 )
 from .prompt_cache import PromptCache, as_tokens, common_prefix
 
@@ -133,6 +138,21 @@ class LlamaCppOptions:
     """Host memory for the KV state of finished sequences (0: slots only)."""
     deterministic: bool = False
     """Same tokens for the same request whatever else runs or is cached (see the module doc)."""
+    max_loras: int = 4
+    """LoRA adapters kept loaded when idle (least recently used ones are freed beyond it)."""
+
+
+@dataclass
+class _Lora:
+    """A LoRA adapter loaded into the model (llama.cpp's ``llama_adapter_lora``)."""
+
+    name: str
+    ptr: Any
+    users: int = 0
+    """Sequences running with it (it is never freed while any is)."""
+    last_used: float = field(default_factory=time.monotonic)
+    retired: bool = False
+    """Unloaded while in use: freed when its last sequence ends."""
 
 
 class LlamaCppEngine:
@@ -179,6 +199,11 @@ class LlamaCppEngine:
         self._eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
         self._embed_lock = threading.Lock()
         self._embed_ctx: Any = None
+        self._lora_lock = threading.Lock()
+        self._loras: OrderedDict[str, _Lora] = OrderedDict()
+        """sha256 of the adapter file -> the loaded adapter, least recently used first."""
+        self._orphans: list[_Lora] = []
+        """Retired adapters still in use, replaced in ``_loras`` by a fresh copy."""
 
     # --- metadata ---------------------------------------------------------------------------
 
@@ -309,9 +334,101 @@ class LlamaCppEngine:
                 llama_cpp.llama_batch_free(batch)
             return out
 
+    # --- LoRA adapters ----------------------------------------------------------------------
+    # An adapter is loaded on the first sequence that uses it and held while any does. The
+    # runner takes an adapter off its context before the adapter's last user is released, so an
+    # adapter with no users is on no context and may be freed from any thread.
+
+    def acquire_loras(self, refs: LoraSet) -> list[Any]:
+        """The adapters' handles, loaded on first use; each is held until :meth:`release_loras`."""
+        taken: list[str] = []
+        out: list[Any] = []
+        with self._lora_lock:
+            try:
+                for ref in refs:
+                    entry = self._loras.get(ref.sha256)
+                    if entry is None or entry.retired:
+                        if entry is not None:  # retired and in use: a fresh copy for new users
+                            self._loras.pop(ref.sha256)
+                            self._orphans.append(entry)
+                        ptr = llama_cpp.llama_adapter_lora_init(self._model, str(ref.path).encode())
+                        if not ptr:
+                            raise InvalidRequestError(
+                                f"the LoRA adapter '{ref.name}' could not be loaded by llama.cpp for "
+                                "this model", param="model")
+                        entry = self._loras[ref.sha256] = _Lora(ref.name, ptr)
+                    entry.users += 1
+                    entry.last_used = time.monotonic()
+                    self._loras.move_to_end(ref.sha256)
+                    taken.append(ref.sha256)
+                    out.append(entry.ptr)
+            except BaseException:
+                for key in taken:
+                    self._loras[key].users -= 1
+                raise
+            self._trim_loras()
+        return out
+
+    def release_loras(self, refs: LoraSet, ptrs: Sequence[Any]) -> None:
+        with self._lora_lock:
+            now = time.monotonic()
+            for ref, ptr in zip(refs, ptrs, strict=False):
+                entry = self._loras.get(ref.sha256)
+                if entry is None or entry.ptr is not ptr:
+                    entry = next((o for o in self._orphans if o.ptr is ptr), None)
+                if entry is None:
+                    continue
+                entry.users -= 1
+                entry.last_used = now
+                if entry.users <= 0 and entry.retired:
+                    self._free_lora(entry)
+            self._trim_loras()
+
+    def preload_lora(self, ref: LoraRef) -> None:
+        refs = (ref,)
+        self.release_loras(refs, self.acquire_loras(refs))
+
+    def loaded_loras(self) -> list[str]:
+        with self._lora_lock:
+            return sorted({e.name for e in self._loras.values() if not e.retired})
+
+    def unload_lora(self, name: str) -> int:
+        with self._lora_lock:
+            hits = [e for e in self._loras.values() if e.name == name and not e.retired]
+            for entry in hits:
+                entry.retired = True
+                if entry.users <= 0:
+                    self._free_lora(entry)
+            return len(hits)
+
+    def expire_loras(self, idle_s: float) -> int:
+        with self._lora_lock:
+            now = time.monotonic()
+            idle = [e for e in self._loras.values() if e.users <= 0 and now - e.last_used > idle_s]
+            for entry in idle:
+                self._free_lora(entry)
+            return len(idle)
+
+    def _trim_loras(self) -> None:
+        """Free least recently used idle adapters beyond ``max_loras`` (lock held)."""
+        excess = len(self._loras) - self.options.max_loras
+        for entry in [e for e in self._loras.values() if e.users <= 0][:max(0, excess)]:
+            self._free_lora(entry)
+
+    def _free_lora(self, entry: _Lora) -> None:
+        for key, value in list(self._loras.items()):
+            if value is entry:
+                del self._loras[key]
+        if entry in self._orphans:
+            self._orphans.remove(entry)
+        llama_cpp.llama_adapter_lora_free(entry.ptr)
+        log.debug("freed LoRA adapter %s", entry.name)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._loras.clear()  # llama.cpp frees a model's adapters with the model
+            self._orphans.clear()
             if self._embed_ctx is not None:
                 llama_cpp.llama_free(self._embed_ctx)
                 self._embed_ctx = None
@@ -325,6 +442,11 @@ class LlamaCppEngine:
     @property
     def vocab_ptr(self) -> Any:
         return self._vocab
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    """The same adapter handles (by identity), in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def constraint_to_gbnf(constraint: Constraint) -> str:
@@ -359,6 +481,13 @@ class _Slot:
     """Plain argmax (temperature 0, nothing else in the chain): sampled with numpy directly."""
     top_logprobs: int | None = None
     last_used: int = 0
+    lora: LoraSet = ()
+    """The adapter set of this slot's sequence; its cached KV was computed under it."""
+    lora_key: tuple[tuple[str, float], ...] = ()
+    lora_ptrs: list[Any] = field(default_factory=list)
+    """The adapters' handles, held while the sequence runs."""
+    served: int = 0
+    """The runner step that last decoded this sequence (picks the next adapter group)."""
 
     @property
     def prefilling(self) -> bool:
@@ -409,6 +538,11 @@ class _LlamaRunner:
         self._share = self._share and not self._n_swa
         self._cache = (PromptCache(opts.prompt_cache_bytes)
                        if self._share and opts.prompt_cache_bytes > 0 else None)
+        self._ctx_lora: tuple[tuple[str, float], ...] = ()
+        """The adapter set on the context now (``llama_set_adapters_lora`` is called on a change)."""
+        self._ctx_ptrs: list[Any] = []
+        """Those adapters' handles (a re-loaded adapter has the same key but another handle)."""
+        self._steps = 0
 
     # --- protocol -----------------------------------------------------------------------
 
@@ -427,10 +561,17 @@ class _LlamaRunner:
             raise EngineError(f"a prompt of {len(prompt)} tokens does not fit this runner")
         # Per slot: how many prompt tokens its cache holds (never the last: its logits are needed).
         want = as_tokens(prompt)
+        key = lora_key(request.lora)  # KV computed under another adapter set is not reused
         shared = {s.seq_id: min(common_prefix(as_tokens(s.cached), want), len(prompt) - 1)
-                  for s in self._slots}
+                  if s.lora_key == key else 0 for s in self._slots}
         slot = self._pick_slot(shared)
-        sampler = self._make_sampler(request.sampling)
+        ptrs = self.engine.acquire_loras(request.lora) if request.lora else []
+        try:
+            sampler = self._make_sampler(request.sampling)
+        except BaseException:
+            self.engine.release_loras(request.lora, ptrs)
+            raise
+        slot.lora, slot.lora_key, slot.lora_ptrs, slot.served = request.lora, key, ptrs, self._steps
         keep = self._reuse_prefix(slot, prompt, want, shared)
         slot.prompt = list(prompt)
         slot.pending = None
@@ -453,7 +594,8 @@ class _LlamaRunner:
         slot.request_id = None
         slot.pending = None
         if self._cache is not None and len(slot.cached) >= _MIN_CACHED:
-            self._cache.put(slot.cached, lambda: self._state_of(slot))
+            self._cache.put(slot.cached, lambda: self._state_of(slot), slot.lora_key)
+        self._release_lora(slot)
         self._tick += 1
         slot.last_used = self._tick
 
@@ -463,7 +605,9 @@ class _LlamaRunner:
         outputs: list[TokenOutput | SequenceFailure] = []
         logit_rows: list[tuple[_Slot, int]] = []  # (slot, batch index with logits)
         in_batch: list[_Slot] = []
-        decoding = [s for s in self._slots if s.request_id is not None and s.pending is not None]
+        group = self._pick_lora_group()  # one adapter set per llama_decode
+        decoding = [s for s in self._slots
+                    if s.request_id is not None and s.pending is not None and s.lora_key == group]
         for slot in decoding:
             if len(slot.cached) >= self.n_ctx_seq:
                 outputs.append(SequenceFailure(slot.request_id or "", ContextLengthExceededError(
@@ -480,7 +624,7 @@ class _LlamaRunner:
             for slot in self._slots:
                 if budget <= 0:
                     break
-                if not slot.prefilling:
+                if not slot.prefilling or slot.lora_key != group:
                     continue
                 start = len(slot.cached)
                 take = min(budget, len(slot.prompt) - start, self._chunk)
@@ -493,6 +637,7 @@ class _LlamaRunner:
                 budget -= take
             if batch.n_tokens == 0:
                 return outputs
+            self._use_lora(in_batch)
             rc = llama_cpp.llama_decode(self._ctx, batch)
             if rc != 0:
                 log.error("llama_decode returned %d", rc)
@@ -535,6 +680,42 @@ class _LlamaRunner:
         slot.cached.append(token)
         return i
 
+    def _pick_lora_group(self) -> tuple[tuple[str, float], ...]:
+        """The adapter set decoded this step: the group whose least recently decoded sequence
+        waited longest (groups take turns; with the base alone it is always the base)."""
+        best: _Slot | None = None
+        for s in self._slots:
+            runnable = s.request_id is not None and (s.pending is not None or s.prefilling)
+            if runnable and (best is None or s.served < best.served):
+                best = s
+        return best.lora_key if best is not None else ()
+
+    def _use_lora(self, slots: list[_Slot]) -> None:
+        """Put ``slots``' adapter set (one set: see :meth:`step`) on the context if it changed."""
+        self._steps += 1
+        for s in slots:
+            s.served = self._steps
+        if slots and (slots[0].lora_key != self._ctx_lora or not _same(slots[0].lora_ptrs, self._ctx_ptrs)):
+            self._set_lora(slots[0].lora_ptrs, slots[0].lora)
+
+    def _set_lora(self, ptrs: list[Any], lora: LoraSet) -> None:
+        n = len(ptrs)
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*ptrs) if n else None
+        scales = (ctypes.c_float * n)(*(r.scale for r in lora)) if n else None
+        if llama_cpp.llama_set_adapters_lora(self._ctx, arr, n, scales) != 0:
+            raise EngineError("the inference engine could not apply the LoRA adapters")
+        self._ctx_lora, self._ctx_ptrs = lora_key(lora), list(ptrs)
+
+    def _release_lora(self, slot: _Slot) -> None:
+        """Release a finished sequence's adapters, first taking them off the context when no
+        running sequence uses the context's set (so that an unused adapter is on no context)."""
+        if not slot.lora_ptrs:
+            return
+        if self._ctx_ptrs and not any(_same(s.lora_ptrs, self._ctx_ptrs) for s in self._by_request.values()):
+            self._set_lora([], ())
+        self.engine.release_loras(slot.lora, slot.lora_ptrs)
+        slot.lora_ptrs = []
+
     def _reset_slot_cache(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
         slot.cached = []
@@ -559,7 +740,7 @@ class _LlamaRunner:
                 n = shared[other.seq_id]
                 if other is not slot and n > floor:
                     donor, keep, floor = other, n, n
-            found = self._cache.lookup(want, floor) if self._cache is not None else None
+            found = self._cache.lookup(want, floor, slot.lora_key) if self._cache is not None else None
             if found is not None:
                 state, keep = found[0].state, min(found[1], limit)
             elif donor is not None:

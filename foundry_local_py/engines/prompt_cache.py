@@ -11,7 +11,7 @@ entry; an entry whose tokens extend another's replaces it. Engine-neutral: it st
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,8 @@ def as_tokens(tokens: Sequence[int]) -> np.ndarray:
 class CachedState:
     tokens: np.ndarray
     state: bytes
+    key: Hashable = ()
+    """What else the state was computed under (a LoRA adapter set): found only by equal keys."""
 
 
 class PromptCache:
@@ -46,40 +48,46 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt: np.ndarray, longer_than: int) -> tuple[CachedState, int] | None:
-        """The entry sharing the longest prefix with ``prompt``, if longer than ``longer_than``."""
+    def lookup(
+        self, prompt: np.ndarray, longer_than: int, key: Hashable = ()
+    ) -> tuple[CachedState, int] | None:
+        """The entry of ``key`` sharing the longest prefix with ``prompt``, if longer than
+        ``longer_than``."""
         best: tuple[int, int] | None = None
-        for key, entry in self._entries.items():
-            if len(entry.tokens) <= longer_than or entry.tokens[0] != prompt[0]:
+        for k, entry in self._entries.items():
+            if len(entry.tokens) <= longer_than or entry.tokens[0] != prompt[0] or entry.key != key:
                 continue
             n = common_prefix(entry.tokens, prompt)
             if n > longer_than and (best is None or n > best[1]):
-                best = (key, n)
+                best = (k, n)
         if best is None:
             return None
         self._entries.move_to_end(best[0])
         return self._entries[best[0]], best[1]
 
-    def put(self, tokens: Sequence[int], state: Callable[[], bytes]) -> None:
-        """Keep ``tokens``' state. ``state()`` copies it out of the engine, only when needed: not
-        when an entry already holds all of these tokens (a repeated request)."""
+    def put(self, tokens: Sequence[int], state: Callable[[], bytes], key: Hashable = ()) -> None:
+        """Keep ``tokens``' state (computed under ``key``). ``state()`` copies it out of the
+        engine, only when needed: not when an entry already holds all of these tokens (a
+        repeated request)."""
         if not tokens:
             return
         arr = as_tokens(tokens)
         extended: list[int] = []
-        for key, entry in self._entries.items():
+        for k, entry in self._entries.items():
+            if entry.key != key:
+                continue
             n = common_prefix(entry.tokens, arr)
             if n == len(arr):  # an entry already holds all of it
-                self._entries.move_to_end(key)
+                self._entries.move_to_end(k)
                 return
             if n == len(entry.tokens):  # the new sequence extends this one
-                extended.append(key)
+                extended.append(k)
         data = state()
         if len(data) > self.max_bytes:
             return
-        for key in extended:
-            self._drop(key)
-        self._entries[self._next_key] = CachedState(arr, data)
+        for k in extended:
+            self._drop(k)
+        self._entries[self._next_key] = CachedState(arr, data, key)
         self._next_key += 1
         self.bytes += len(data)
         while self.bytes > self.max_bytes and self._entries:

@@ -10,14 +10,17 @@ into a :class:`~.validate.ValidRequest` against the loaded model, before anythin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..engines.base import Constraint, Engine
 from ..engines.chat_format import ChatFormatter, ToolSpec
 from ..scheduler.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from ..cache.adapters import AdapterRecord
 
 ToolChoiceMode = Literal["auto", "none", "required"]
 
@@ -67,6 +70,14 @@ NEUTRAL: Mapping[str, object] = MappingProxyType({
 
 
 @dataclass(frozen=True)
+class LoraAsk:
+    """A LoRA adapter a request names in its ``lora`` list: an index (as listed) or a name."""
+
+    id: int | str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationAsk:
     model: str
     prompt: Prompt
@@ -84,6 +95,8 @@ class GenerationAsk:
     n: int = 1
     ep: str | None = None
     ttl: int | None = None
+    lora: tuple[LoraAsk, ...] = ()
+    """Adapters from the request's ``lora`` list (besides one named in ``model``)."""
     params: Mapping[str, str] = field(default_factory=dict)
     """Wire names for error messages, keyed by the canonical ones used here: 'prompt' (default
     'messages' for chats, 'prompt' for text), 'max_tokens', 'response_format', 'stop',
@@ -111,6 +124,13 @@ class ServedModel(Protocol):
 
     @property
     def scheduler(self) -> Scheduler: ...
+
+    @property
+    def adapter(self) -> AdapterRecord | None:
+        """The LoRA adapter the request's model name chose (``ALIAS:ADAPTER``), or None."""
+
+    def adapters(self) -> Sequence[AdapterRecord]:
+        """The adapters a request's ``lora`` list may name for this model, in listing order."""
 
     def touch(self) -> None:
         """Mark the model used now (idle TTL and LRU eviction count from here)."""

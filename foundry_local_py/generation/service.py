@@ -41,6 +41,10 @@ class Generation:
     def prompt_tokens(self) -> int:
         return sum(r.prompt_tokens for r in self.requests)
 
+    @property
+    def adapter_label(self) -> str:
+        return self.requests[0].adapter_label if self.requests else ""
+
     def cancel(self) -> None:
         for h in self.handles:
             if not h.done:

@@ -9,7 +9,11 @@ Every rule lives here, once, for every front-end:
 3. logit-bias keys are token ids inside the vocabulary;
 4. the prompt is rendered and tokenized by the one renderer (:mod:`.prompt`);
 5. context: :func:`completion_budget` (the rule below);
-6. a structured-output constraint is compiled once by the engine.
+6. a structured-output constraint is compiled once by the engine;
+7. LoRA adapters (one named in ``model`` as ``ALIAS:ADAPTER``, and the ``lora`` list): the engine
+   must declare ``lora_adapters`` (else a 400 naming ``lora`` / ``model``), each ``lora`` entry
+   names an adapter of this model by index or name (404 otherwise); the set, sorted, is part of
+   the request (KV computed under one set is never reused under another).
 
 The context rule: a prompt of ``n_ctx`` tokens or more is a 400 ``context_length_exceeded``
 quoting both counts; when the client sets ``max_tokens`` and prompt + max_tokens exceeds the
@@ -26,8 +30,8 @@ import anyio
 
 from ..config import Settings
 from ..engines.backends import Capabilities
-from ..engines.base import Constraint, GenerationRequest, SamplingParams
-from ..errors import ContextLengthExceededError, InvalidRequestError
+from ..engines.base import Constraint, GenerationRequest, LoraRef, LoraSet, SamplingParams
+from ..errors import ContextLengthExceededError, InvalidRequestError, NotFoundError
 from .prompt import ToolPlan, prompt_tokens, tool_plan
 from .request import NEUTRAL, GenerationAsk, ServedModel
 
@@ -43,6 +47,11 @@ class ValidRequest:
     @property
     def prompt_tokens(self) -> int:
         return len(self.request.prompt_tokens)
+
+    @property
+    def adapter_label(self) -> str:
+        """The adapters it runs with, for metrics ('' for the base model)."""
+        return "+".join(r.name for r in self.request.lora)
 
 
 def check_limits(ask: GenerationAsk, settings: Settings) -> None:
@@ -85,6 +94,41 @@ def check_capabilities(ask: GenerationAsk, model: ServedModel, plan: ToolPlan) -
     if ask.response_format is not None and not caps.constraints:
         raise InvalidRequestError(f"{who} does not support structured output",
                                   param=ask.param("response_format"))
+
+
+def lora_set(ask: GenerationAsk, model: ServedModel) -> LoraSet:
+    """The adapters the request runs with (rule 7 of the module doc)."""
+    named = model.adapter
+    if named is None and not ask.lora:
+        return ()
+    info = model.engine.info
+    if not info.capabilities.lora_adapters:
+        param = ask.param("lora") if ask.lora else ask.param("model")
+        raise InvalidRequestError(f"LoRA adapters are not supported by model '{model.alias}' "
+                                  f"({info.engine})", param=param)
+    refs: list[LoraRef] = []
+    if named is not None:
+        refs.append(LoraRef(named.name, named.path, named.sha256, 1.0))
+    listed = list(model.adapters()) if ask.lora else []
+    for i, item in enumerate(ask.lora):
+        param = f"{ask.param('lora')}[{i}].id"
+        if isinstance(item.id, int):
+            if item.id >= len(listed):
+                raise NotFoundError(f"model '{model.alias}' has {len(listed)} adapters; there is no "
+                                    f"adapter {item.id}", param=param, code="adapter_not_found")
+            record = listed[item.id]
+        else:
+            found = [r for r in listed if r.name.lower() == item.id.lower()]
+            if not found:
+                raise NotFoundError(f"no adapter named '{item.id}' is registered for model "
+                                    f"'{model.alias}'", param=param, code="adapter_not_found")
+            record = found[0]
+        if item.scale == 0.0:
+            continue  # llama.cpp's server: scale 0 turns the adapter off
+        refs.append(LoraRef(record.name, record.path, record.sha256, item.scale))
+    if len({r.sha256 for r in refs}) != len(refs):
+        raise InvalidRequestError("the same adapter is named twice", param=ask.param("lora"))
+    return tuple(sorted(refs, key=lambda r: (r.sha256, r.scale)))
 
 
 def completion_budget(ask: GenerationAsk, n_prompt: int, n_ctx: int) -> int:
@@ -151,6 +195,7 @@ async def validate(ask: GenerationAsk, model: ServedModel, request_id: str) -> V
     Call :func:`check_limits` first (it needs no model)."""
     plan = tool_plan(ask)
     check_capabilities(ask, model, plan)
+    lora = lora_set(ask, model)
     engine = model.engine
     constraint = plan.constraint() or ask.response_format
     sampling = sampling_params(ask, engine.info.n_vocab, constraint)
@@ -158,5 +203,5 @@ async def validate(ask: GenerationAsk, model: ServedModel, request_id: str) -> V
     max_tokens = completion_budget(ask, len(tokens), engine.info.n_ctx)
     if constraint is not None:
         await anyio.to_thread.run_sync(engine.validate_constraint, constraint)
-    return ValidRequest(model, GenerationRequest(request_id, tokens, max_tokens, sampling, list(ask.stop)),
-                        plan)
+    return ValidRequest(model, GenerationRequest(request_id, tokens, max_tokens, sampling, list(ask.stop),
+                                                 lora), plan)

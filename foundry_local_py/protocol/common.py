@@ -75,6 +75,14 @@ class StreamOptions(WireModel):
     include_usage: StrictBool = False
 
 
+class LoraItem(WireModel):
+    """llama.cpp server's per-request adapter entry: the adapter's index (as listed for the
+    model) or its name, and its scale."""
+
+    id: Annotated[StrictInt, Field(ge=0, le=10_000)] | Annotated[str, Field(min_length=1, max_length=64)]
+    scale: Annotated[float, Field(ge=-4.0, le=4.0, allow_inf_nan=False)] = 1.0
+
+
 class SamplingFields(WireModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
@@ -99,6 +107,8 @@ class SamplingFields(WireModel):
     user: str | None = None
     ep: str | None = Field(None, description="Foundry Local: execution provider for this request.")
     ttl: Annotated[StrictInt, Field(ge=0)] | None = Field(None, description="Foundry Local: keep-alive.")
+    lora: Annotated[list[LoraItem], Field(max_length=8)] | None = Field(
+        None, description="llama.cpp server: LoRA adapters for this request ({id, scale}).")
 
     @field_validator("stop")
     @classmethod

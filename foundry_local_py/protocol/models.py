@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
+
+from .common import WireModel
 
 
 class ModelCard(BaseModel):
@@ -19,10 +21,29 @@ class ModelCard(BaseModel):
     engine: str | None = None
     device: str | None = None
     context_length: int | None = None
+    parent: str | None = None
+    """For a LoRA adapter: its base model's id (vLLM's field); None for a base model."""
+    root: str | None = None
+    """vLLM's field: a base model's variant; an adapter's own name."""
     endpoints: list[str] = Field(default_factory=list)
     """The generating routes this model answers (a chat model: chat completions, completions, the
     Responses API, the Messages API; a base model: completions), and /v1/embeddings when its
     engine produces embeddings."""
+
+
+class LoadLoraAdapterRequest(WireModel):
+    """vLLM's body for POST /v1/load_lora_adapter (``model``: our extension, the base)."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=64)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        None, description="The base model (alias); default: the one loaded model.")
+
+
+class UnloadLoraAdapterRequest(WireModel):
+    """vLLM's body for POST /v1/unload_lora_adapter."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class ModelList(BaseModel):

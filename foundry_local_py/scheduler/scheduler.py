@@ -245,6 +245,13 @@ class Scheduler:
                 kv_usage=self._kv_usage,
             )
 
+    def lora_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The LoRA adapters of running and of waiting requests (names, sorted, once each)."""
+        with self._cond:
+            running = {r.name for seq in self._active.values() for r in seq.handle.request.lora}
+            waiting = {r.name for h in self._waiting for r in h.request.lora}
+        return tuple(sorted(running)), tuple(sorted(waiting))
+
     def slots(self) -> SlotsSnapshot:
         now = time.monotonic()
         with self._cond:

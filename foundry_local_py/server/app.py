@@ -16,10 +16,11 @@ from ..protocol.anthropic import CountTokensRequest, MessagesRequest
 from ..protocol.chat import ChatCompletionRequest
 from ..protocol.completions import CompletionRequest
 from ..protocol.embeddings import EmbeddingRequest
+from ..protocol.models import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from ..protocol.responses import InputTokensRequest, ResponseCreateRequest
 from .errors import install_error_handlers
 from .middleware import GuardMiddleware
-from .routes import foundry, health, messages, openai, responses
+from .routes import foundry, health, lora, messages, openai, responses
 from .state import Core, EngineLoader, build_core
 from .transport import Drain
 
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None, *, engine_loader: EngineLoader 
     app.include_router(foundry.router)
     app.include_router(responses.router)
     app.include_router(messages.router)
+    app.include_router(lora.router)
     # Body schemas for the docs (the routes parse bodies themselves, whatever the content type).
     app.openapi_schema = None
     _register_schemas(app)
@@ -114,7 +116,8 @@ def _register_schemas(app: FastAPI) -> None:
         schema = original()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponseCreateRequest,
-                      InputTokensRequest, MessagesRequest, CountTokensRequest):
+                      InputTokensRequest, MessagesRequest, CountTokensRequest, LoadLoraAdapterRequest,
+                      UnloadLoraAdapterRequest):
             components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(components[model.__name__].pop("$defs", {}))
         app.openapi_schema = schema

@@ -47,6 +47,13 @@ class ModelState:
     """Sequences decoded together (``parallel``)."""
     kv_usage: float = 0.0
     """Fraction of the KV cache held by running sequences (0..1)."""
+    lora_loaded: int = 0
+    """LoRA adapters held in memory by the model's engine."""
+    lora_running: tuple[str, ...] = ()
+    """Adapters of running requests (vLLM's ``running_lora_adapters``)."""
+    lora_waiting: tuple[str, ...] = ()
+    max_lora: int = 0
+    """Adapters kept loaded at most (``max_loras``; 0: the model's engine serves none)."""
 
 
 class _Registry(CollectorRegistry):
@@ -93,6 +100,16 @@ class _StateCollector(Collector):
         loaded = GaugeMetricFamily(
             f"{PREFIX}_model_loaded", "1 for each loaded model.", labels=["model", "engine", "device"]
         )
+        loras = GaugeMetricFamily(
+            f"{PREFIX}_lora_adapters_loaded", "LoRA adapters held in memory per model.", labels=["model"]
+        )
+        lora_info = GaugeMetricFamily(
+            f"{PREFIX}_lora_requests_info",
+            "vLLM's lora_requests_info: the adapters of running and waiting requests (comma-"
+            "separated) and max_lora, per model (value 1), so a router can prefer a replica that "
+            "already holds an adapter.",
+            labels=["model", "running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
         for s in self._states():
             running.add_metric([s.model], s.running)
             waiting.add_metric([s.model], s.waiting)
@@ -100,12 +117,17 @@ class _StateCollector(Collector):
             slots.add_metric([s.model], s.slots)
             kv.add_metric([s.model], s.kv_usage)
             loaded.add_metric([s.model, s.engine, s.device], 1)
+            loras.add_metric([s.model], s.lora_loaded)
+            lora_info.add_metric([s.model, ",".join(s.lora_running), ",".join(s.lora_waiting),
+                                  str(s.max_lora)], 1)
         yield running
         yield waiting
         yield capacity
         yield slots
         yield kv
         yield loaded
+        yield loras
+        yield lora_info
         size = self._cache_size()
         if size is not None:
             g = GaugeMetricFamily(f"{PREFIX}_cache_size_bytes", "Bytes used by the model cache.")
@@ -118,7 +140,8 @@ class Metrics:
         self.registry: CollectorRegistry = _Registry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            f"{PREFIX}_requests", "Requests served.", ["model", "endpoint", "status"], registry=r
+            f"{PREFIX}_requests", "Requests served (adapter: the LoRA adapters used, '' for the base).",
+            ["model", "endpoint", "status", "adapter"], registry=r
         )
         self.request_duration = Histogram(
             f"{PREFIX}_request_duration_seconds", "Time from arrival to the last byte.",
@@ -136,7 +159,8 @@ class Metrics:
             f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
         )
         self.generation_tokens = Counter(
-            f"{PREFIX}_generation_tokens", "Tokens generated.", ["model"], registry=r
+            f"{PREFIX}_generation_tokens", "Tokens generated (adapter: as for requests).",
+            ["model", "adapter"], registry=r
         )
         self.prefix_cache_queries = Counter(
             f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
@@ -175,9 +199,9 @@ class Metrics:
         alert on its rate would miss it)."""
         for endpoint in _DECLARED_ENDPOINTS:
             for status in _DECLARED_STATUSES:
-                self.requests.labels(model, endpoint, status)
+                self.requests.labels(model, endpoint, status, "")
         self.prompt_tokens.labels(model)
-        self.generation_tokens.labels(model)
+        self.generation_tokens.labels(model, "")
         self.prefix_cache_queries.labels(model)
         self.prefix_cache_hits.labels(model)
 

@@ -14,7 +14,13 @@ when every loaded model is busy, the load waits (up to ``queue_timeout_s``, then
 idle. A lone model that exceeds the budget by itself still loads (there is nothing to evict).
 
 Models idle longer than their TTL are unloaded by a reaper task that survives any exception
-(logged and counted in ``foundry_local_internal_errors_total``).
+(logged and counted in ``foundry_local_internal_errors_total``); the same task frees LoRA
+adapters idle longer than ``lora_ttl_s``.
+
+LoRA adapters (``cache/adapters.py``): ``ALIAS:ADAPTER`` names a registered adapter of ``ALIAS``;
+it resolves to the base variant the adapter was registered against (loaded as any model is) plus
+the adapter (:class:`AdapterModel`). ``ALIAS:N`` with a number stays a Foundry version. The engine
+loads an adapter on its first request and frees idle ones beyond ``max_loras``.
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ from typing import Literal
 import anyio
 import psutil
 
+from ..cache.adapters import AdapterNotFoundError, AdapterRecord, AdapterStore, check_name
 from ..cache.catalog import Catalog, CatalogModel, Variant
 from ..cache.hub import ensure_hub_model, is_hub_name
 from ..cache.store import ModelStore
 from ..config import Settings, auto_parallel
 from ..engines.backends import EngineOptions, MemoryEstimate, backend_for, load_engine, size_on_disk
-from ..engines.base import ChatTemplateSpec, Engine
+from ..engines.base import ChatTemplateSpec, Engine, ServesLora
 from ..engines.chat_format import ChatFormatter
 from ..engines.probe import probe_model
 from ..errors import (
@@ -76,6 +83,7 @@ class LoadedModel:
     engine_ep: str = "cpu"
     last_used: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
+    adapter_store: AdapterStore | None = None
 
     @property
     def alias(self) -> str:
@@ -85,12 +93,59 @@ class LoadedModel:
     def id(self) -> str:
         return self.variant.id
 
+    @property
+    def adapter(self) -> AdapterRecord | None:
+        return None
+
+    def adapters(self) -> list[AdapterRecord]:
+        """Adapters registered against this variant (a request's ``lora`` ids index this list)."""
+        if self.adapter_store is None or not self.engine.info.capabilities.lora_adapters:
+            return []
+        return self.adapter_store.list(base=self.id)
+
+    def loaded_adapters(self) -> list[str]:
+        return self.engine.loaded_loras() if isinstance(self.engine, ServesLora) else []
+
     def touch(self) -> None:
         self.last_used = time.monotonic()
 
     def busy(self) -> bool:
         stats = self.scheduler.stats()
         return stats.running + stats.waiting > 0
+
+
+@dataclass
+class AdapterModel:
+    """A base model served with a LoRA adapter (what ``ALIAS:ADAPTER`` resolves to)."""
+
+    base: LoadedModel
+    adapter: AdapterRecord
+
+    @property
+    def alias(self) -> str:
+        return self.base.alias
+
+    @property
+    def id(self) -> str:
+        return self.base.id
+
+    @property
+    def engine(self) -> Engine:
+        return self.base.engine
+
+    @property
+    def formatter(self) -> ChatFormatter | None:
+        return self.base.formatter
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.base.scheduler
+
+    def adapters(self) -> list[AdapterRecord]:
+        return self.base.adapters()
+
+    def touch(self) -> None:
+        self.base.touch()
 
 
 class ModelManager:
@@ -117,6 +172,7 @@ class ModelManager:
         self._owner = asyncio.Lock()
         """Held for every admission and eviction decision (never while an engine loads)."""
         self._reaper: asyncio.Task[None] | None = None
+        self.adapters = AdapterStore(settings.cache_dir, catalog)
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -137,8 +193,12 @@ class ModelManager:
     def states(self) -> Iterable[ModelState]:
         for lm in list(self._loaded.values()):
             stats = lm.scheduler.stats()
+            lora = isinstance(lm.engine, ServesLora) and lm.engine.info.capabilities.lora_adapters
+            running, waiting = lm.scheduler.lora_names() if lora else ((), ())
             yield ModelState(lm.alias, lm.engine.info.engine, lm.engine.info.device, stats.running,
-                             stats.waiting, lm.scheduler.max_queue, stats.max_batch, stats.kv_usage)
+                             stats.waiting, lm.scheduler.max_queue, stats.max_batch, stats.kv_usage,
+                             len(lm.loaded_adapters()), running, waiting,
+                             self.settings.max_loras if lora else 0)
 
     def memory_budget(self) -> int:
         return self.settings.memory_budget_bytes or int(psutil.virtual_memory().total * 0.75)
@@ -173,8 +233,42 @@ class ModelManager:
 
     # --- loading ----------------------------------------------------------------------------
 
-    async def get(self, name: str, *, ep: str | None = None, ttl: float | None = None) -> LoadedModel:
-        """The loaded model for ``name``, loading it on demand (404 for unknown names)."""
+    def find_adapter(self, name: str) -> AdapterRecord | None:
+        """The adapter ``ALIAS:ADAPTER`` names (404 when ALIAS has no such adapter); None when
+        ``name`` names no adapter (a plain alias, a variant id, ``ALIAS:N`` version, a hub name)."""
+        head, sep, tail = name.strip().rpartition(":")
+        if not sep or not head or tail.isdigit() or is_hub_name(name):
+            return None
+        check_name(tail, param="model")  # 400 for a name that could never be registered
+        try:
+            record = self.adapters.get(tail)
+        except AdapterNotFoundError:
+            raise AdapterNotFoundError(f"model '{head}' has no adapter named '{tail}'",
+                                       param="model") from None
+        ok = head.lower() in {record.base.lower(), record.base_variant.lower(),
+                              record.base_variant.split(":")[0].lower()}
+        if not ok:
+            try:
+                ok = self.catalog.lookup(head)[0].alias.lower() == record.base.lower()
+            except FoundryError:
+                ok = False
+        if not ok:
+            raise AdapterNotFoundError(f"model '{head}' has no adapter named '{tail}' (it is an adapter "
+                                       f"of '{record.base}')", param="model")
+        return record
+
+    async def get(
+        self, name: str, *, ep: str | None = None, ttl: float | None = None
+    ) -> LoadedModel | AdapterModel:
+        """The loaded model for ``name``, loading it on demand (404 for unknown names); for
+        ``ALIAS:ADAPTER`` the adapter's base variant with the adapter."""
+        adapter = self.find_adapter(name)
+        if adapter is not None:
+            return AdapterModel(await self.get_model(adapter.base_variant, ep=ep, ttl=ttl), adapter)
+        return await self.get_model(name, ep=ep, ttl=ttl)
+
+    async def get_model(self, name: str, *, ep: str | None = None, ttl: float | None = None) -> LoadedModel:
+        """The loaded model for ``name`` (an alias or variant id), loading it on demand."""
         lm = self.find_loaded(name)
         if lm is not None and (ep is None or normalize_ep(ep) in (None, lm.engine_ep)):
             self._set_ttl(lm, ttl)
@@ -235,7 +329,7 @@ class ModelManager:
         return EngineOptions(n_threads=s.n_threads, max_batch=s.parallel or auto_parallel(n_ctx),
                              n_ctx=n_ctx, execution_provider=engine_ep,
                              prompt_cache_bytes=s.prompt_cache_mib << 20,
-                             deterministic=s.deterministic)
+                             deterministic=s.deterministic, max_loras=s.max_loras)
 
     async def _load_new(
         self, model: CatalogModel, choice: VariantChoice, ttl: float | None, *, allow_fallback: bool,
@@ -272,7 +366,7 @@ class ModelManager:
                 self.metrics.provider_fallbacks.labels(model.alias, variant.id).inc()
                 continue
             lm = LoadedModel(model, variant, engine, scheduler, formatter, ttl, memory, engine_ep,
-                             load_seconds=time.monotonic() - started)
+                             load_seconds=time.monotonic() - started, adapter_store=self.adapters)
             self.metrics.model_load_seconds.labels(model.alias).observe(lm.load_seconds)
             self.metrics.declare_model(model.alias)
             self._loaded[variant.id] = lm
@@ -392,8 +486,13 @@ class ModelManager:
                 self.metrics.internal_errors.labels("reaper").inc()
 
     async def reap_once(self, now: float) -> int:
-        """Unload every model idle past its TTL; returns how many were unloaded."""
+        """Unload every model idle past its TTL; returns how many were unloaded. Frees adapters
+        idle past ``lora_ttl_s``."""
         n = 0
+        if self.settings.lora_ttl_s:
+            for lm in self.loaded():
+                if isinstance(lm.engine, ServesLora):
+                    lm.engine.expire_loras(self.settings.lora_ttl_s)
         for lm in self.loaded():
             idle_since = lm.scheduler.idle_since
             if lm.ttl_s is None or idle_since is None:

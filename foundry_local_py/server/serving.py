@@ -152,6 +152,8 @@ class Recorder:
     endpoint: str
     request_id: str = "unknown"
     model: str = ""
+    adapter: str = ""
+    """The LoRA adapters the request used ('' for the base model): a label of its counts."""
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -161,8 +163,9 @@ class Recorder:
     finished: bool = False
     done: bool = False
 
-    def bind(self, model: str) -> None:
+    def bind(self, model: str, adapter: str = "") -> None:
         self.model = model
+        self.adapter = adapter
         # Bound once: labels() takes a lock and builds a key, too slow to do per token.
         self._itl = self.metrics.itl.labels(model)
 
@@ -185,7 +188,7 @@ class Recorder:
     def on_finish(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.finished = True
         self.metrics.prompt_tokens.labels(self.model).inc(prompt_tokens)
-        self.metrics.generation_tokens.labels(self.model).inc(completion_tokens)
+        self.metrics.generation_tokens.labels(self.model, self.adapter).inc(completion_tokens)
 
     def close(self, status: str) -> None:
         if self.done:
@@ -194,8 +197,8 @@ class Recorder:
         if not self.finished and (self.prompt_tokens or self.tokens_seen):
             # The client left (or the stream failed) mid-way: the work done still counts.
             self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
-            self.metrics.generation_tokens.labels(self.model).inc(self.tokens_seen)
-        self.metrics.requests.labels(self.model, self.endpoint, status).inc()
+            self.metrics.generation_tokens.labels(self.model, self.adapter).inc(self.tokens_seen)
+        self.metrics.requests.labels(self.model, self.endpoint, status, self.adapter).inc()
         self.metrics.request_duration.labels(self.model, self.endpoint).observe(
             time.monotonic() - self.started
         )
@@ -228,9 +231,9 @@ class ServingCore:
             req = await api.prepare(await parse_body(raw, api.request_type, self.settings))
             asks = api.asks(req, self.settings)
             model = await self.generator.resolve(asks)
-            recorder.bind(model.alias)
+            recorder.bind(model.alias, model.adapter.name if model.adapter else "")
             gen = await self.generator.start(model, asks, api.id_prefix)
-            recorder.prompt_tokens = gen.prompt_tokens
+            recorder.prompt_tokens, recorder.adapter = gen.prompt_tokens, gen.adapter_label
             try:
                 firsts = await unless_disconnected(gen.first_events(), raw)
                 if firsts is None:

@@ -23,7 +23,7 @@ def test_no_created_series_and_no_global_switch() -> None:
     import prometheus_client.metrics as pm
 
     m = Metrics()
-    m.requests.labels("a", "/v1/chat/completions", "200").inc()
+    m.requests.labels("a", "/v1/chat/completions", "200", "").inc()
     m.ttft.labels("a").observe(0.1)
     text = _exposition(m)
     assert "foundry_local_requests_total{" in text

@@ -42,9 +42,9 @@ async def run(core: Core, api: type[FrontEnd[Any]], req: Any) -> dict[str, Any] 
     try:
         asks = api.asks(req, core.settings)
         model = await core.generator.resolve(asks)
-        recorder.bind(model.alias)
+        recorder.bind(model.alias, model.adapter.name if model.adapter else "")
         gen = await core.generator.start(model, asks, api.id_prefix)
-        recorder.prompt_tokens = gen.prompt_tokens
+        recorder.prompt_tokens, recorder.adapter = gen.prompt_tokens, gen.adapter_label
         try:
             firsts = await gen.first_events()
             for event in firsts:

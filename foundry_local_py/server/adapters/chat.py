@@ -26,7 +26,7 @@ from ...protocol.common import ChoiceLogprobs, TokenLogprob
 from ...scheduler.output import LogprobEntry
 from ...scheduler.scheduler import FinishEvent, TextEvent
 from ..serving import DONE, ChoiceOutcome, FastChunk, FrontEnd, Outcome, chunk_json, frame
-from .openai_common import sampling_ask, usage_of
+from .openai_common import lora_asks, sampling_ask, usage_of
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -69,6 +69,7 @@ def chat_ask(req: ChatCompletionRequest) -> GenerationAsk:
         n=req.n,
         ep=req.ep,
         ttl=req.ttl,
+        lora=lora_asks(req),
         params={"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None
                 else "max_tokens"},
     )

@@ -15,7 +15,7 @@ from ...protocol.completions import Completion, CompletionChoice, CompletionLogp
 from ...scheduler.output import LogprobEntry
 from ...scheduler.scheduler import FinishEvent, TextEvent
 from ..serving import DONE, ChoiceOutcome, FastChunk, FrontEnd, Outcome, chunk_json, frame
-from .openai_common import sampling_ask, usage_of
+from .openai_common import lora_asks, sampling_ask, usage_of
 
 MAX_PROMPTS = 16
 
@@ -38,7 +38,8 @@ class CompletionFrontEnd(FrontEnd[CompletionRequest]):
         return [
             GenerationAsk(model=req.model, prompt=TextPrompt(p), max_tokens=req.max_tokens,
                           sampling=sampling, logprobs=req.logprobs, stop=req.stop_list(), n=req.n,
-                          ep=req.ep, ttl=req.ttl, params={"top_logprobs": "logprobs"})
+                          ep=req.ep, ttl=req.ttl, lora=lora_asks(req),
+                          params={"top_logprobs": "logprobs"})
             for p in prompts
         ]
 

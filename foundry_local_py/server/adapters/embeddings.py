@@ -33,6 +33,10 @@ async def create_embeddings(core: ServingCore, raw: Request) -> JSONResponse:
         lm = await core.generator.models.get(req.model)
         recorder.bind(lm.alias)
         info = lm.engine.info
+        if lm.adapter is not None:
+            raise InvalidRequestError(
+                f"embeddings are computed by the base model; name '{lm.alias}' instead of an adapter",
+                param="model")
         if not info.capabilities.embeddings:
             raise InvalidRequestError(
                 f"model '{req.model}' ({info.engine}) does not produce embeddings", param="model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ...generation import SamplingAsk
+from ...generation.request import LoraAsk
 from ...protocol.common import SamplingFields, Usage
 from ..serving import Outcome
 
@@ -14,6 +15,10 @@ def sampling_ask(fields: SamplingFields) -> SamplingAsk:
         frequency_penalty=fields.frequency_penalty, repeat_penalty=fields.repeat_penalty,
         logit_bias=fields.logit_bias,
     )
+
+
+def lora_asks(fields: SamplingFields) -> tuple[LoraAsk, ...]:
+    return tuple(LoraAsk(item.id, item.scale) for item in fields.lora or ())
 
 
 def usage_of(outcome: Outcome) -> Usage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ...cache.adapters import AdapterRecord
 from ...cache.catalog import CatalogModel, Variant
 from ...engines.backends import backend_for
 from ...errors import ModelNotFoundError
@@ -61,7 +62,26 @@ def model_cards(core: Core) -> list[ModelCard]:
         if lm is None and not cached:
             continue
         cards.append(_card(core, model, lm.variant if lm else max(cached, key=lambda v: v.version)))
+    for record in core.manager.adapters.list():
+        cards.append(_adapter_card(core, record))
     return cards
+
+
+def _adapter_card(core: Core, record: AdapterRecord) -> ModelCard:
+    """A registered LoRA adapter, listed as its own model (``BASE:NAME``) with its parent."""
+    lm = core.manager.find_loaded(record.base_variant)
+    try:
+        task = core.catalog.lookup(record.base)[0].task
+    except ModelNotFoundError:
+        task = "chat-completion"
+    return ModelCard(
+        id=record.model_name, owned_by="user", parent=record.base, root=record.name,
+        loaded=lm is not None and record.name in lm.loaded_adapters(), cached=True,
+        variant=record.base_variant, engine=lm.engine.info.engine if lm else "llama.cpp",
+        device=lm.engine.info.device if lm else "cpu",
+        context_length=lm.engine.info.n_ctx if lm else None,
+        endpoints=[e for e in _endpoints(task, False) if e != "/v1/embeddings"],
+    )
 
 
 def _card(core: Core, model: CatalogModel, variant: Variant) -> ModelCard:
@@ -69,7 +89,7 @@ def _card(core: Core, model: CatalogModel, variant: Variant) -> ModelCard:
     return ModelCard(
         id=model.alias, owned_by=model.publisher, loaded=lm is not None,
         cached=any(core.store.is_available(model, v) for v in model.variants),
-        variant=variant.id, engine=lm.engine.info.engine if lm else None,
+        variant=variant.id, root=variant.id, engine=lm.engine.info.engine if lm else None,
         device=lm.engine.info.device if lm else variant.device,
         context_length=lm.engine.info.n_ctx if lm else model.context_length,
         endpoints=_endpoints(model.task, (lm.engine.info.capabilities if lm else
@@ -85,6 +105,9 @@ async def list_models(request: Request) -> ModelList:
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> ModelCard:
     core = get_core(request)
+    adapter = core.manager.find_adapter(model_id)
+    if adapter is not None:
+        return _adapter_card(core, adapter)
     model, variant = core.catalog.lookup(model_id)
     if variant is None:  # an alias: its card in the list
         for card in model_cards(core):
