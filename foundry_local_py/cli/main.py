@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, cache, docs, hardware, model, serve, service
+from . import bench, cache, docs, finetune, hardware, model, serve, service
 
 app = typer.Typer(
     name="foundry-local",
@@ -20,6 +20,10 @@ app = typer.Typer(
 app.add_typer(model.app, name="model", help="Discover, download, run and manage models.")
 app.add_typer(cache.app, name="cache", help="Inspect and manage the local model cache.")
 app.add_typer(service.app, name="service", help="Start, stop and inspect the background service.")
+# The adapter group: the store's commands (register, list, remove) join `train` when merged.
+adapter_app = typer.Typer(no_args_is_help=True)
+finetune.add_commands(adapter_app)
+app.add_typer(adapter_app, name="adapter", help="Fine-tune and manage LoRA adapters.")
 app.command("serve", help="Run the server in the foreground.")(serve.serve)
 app.command("docs", help="Regenerate README's settings, metrics and routes tables from the code.")(
     docs.docs
