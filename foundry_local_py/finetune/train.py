@@ -65,7 +65,8 @@ class TrainConfig:
         if refused:
             raise InvalidRequestError(
                 f"target module(s) {', '.join(refused)} cannot be served by llama.cpp: adapt the "
-                "attention and MLP projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                "attention and MLP projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                "down_proj)"
             )
         if self.epochs < 1:
             raise InvalidRequestError("epochs must be at least 1")
