@@ -169,10 +169,17 @@ def _train_with_progress(
 
 def _quiet_transformers() -> None:
     """transformers' per-tensor tqdm bars and warnings would break the progress bar."""
+    import functools
+    import warnings
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if hasattr(gguf_loader, "tqdm"):  # the GGUF loader's own bar ignores the setting above
+        gguf_loader.tqdm = functools.partial(gguf_loader.tqdm, disable=True)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.|peft\.")
 
 
 def _register(
