@@ -259,9 +259,13 @@ def train_lora(
 
     status("Saving the adapter")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if base_name:
-        peft_model.peft_config["default"].base_model_name_or_path = base_name
-    peft_model.save_pretrained(str(out_dir))
+    # No embedding layers are trained; "auto" would look the base up on the Hub to find out.
+    peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    if base_name:  # the catalog alias, instead of the GGUF's folder
+        config_path = out_dir / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+        adapter_config["base_model_name_or_path"] = base_name
+        config_path.write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
     trained_tokens = sum(sum(1 for label in enc.labels if label != IGNORE) for enc in encoded)
     final_loss = sum(epoch_losses) / len(epoch_losses)
     result = TrainResult(

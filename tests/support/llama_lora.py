@@ -11,10 +11,12 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from llama_cpp._logger import set_verbose
 
 
 class LlamaLora:
     def __init__(self, model_path: Path, *, n_ctx: int = 1024, n_threads: int = 1) -> None:
+        set_verbose(False)  # llama.cpp's load and graph logs: errors only
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
