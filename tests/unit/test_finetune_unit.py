@@ -333,3 +333,23 @@ def test_base_header_reads_the_real_models_shapes():
     assert header.architecture == "llama" and header.int_value("block_count") == 30
     assert header.int_value("attention.head_count") == 9 and header.int_value("attention.head_count_kv") == 3
     assert header.shapes["blk.0.attn_k.weight"] == (192, 576)  # (out, in), as torch has it
+
+
+def test_the_shipped_example_dataset_is_valid_and_teaches_one_greeting():
+    path = Path(__file__).resolve().parents[2] / "examples" / "finetune" / "acme-support.jsonl"
+    examples = load_chat_jsonl(path)
+    assert 40 <= len(examples) <= 80
+    replies = [m.content for e in examples for m in e.messages if m.role == "assistant"]
+    assert all(r.startswith("Ahoy from Acme support! ") for r in replies)
+
+
+def test_the_cli_imports_without_the_training_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, foundry_local_py.cli.main, foundry_local_py.finetune.export; "
+            "heavy = sorted({'torch', 'transformers', 'peft'} & set(sys.modules)); "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
