@@ -24,6 +24,7 @@ from rich.progress import (
 )
 
 from ..errors import InvalidRequestError
+from ..finetune.base import BaseModel
 from ..finetune.train import DEFAULT_TARGET_MODULES, TrainConfig
 from .common import cli_errors, console, human_size, load_context
 
@@ -110,9 +111,7 @@ def train(  # noqa: PLR0917 - typer maps parameters to CLI options
             f"[bold]{name}[/bold]: LoRA r={rank} alpha={alpha:g} on [bold]{base_model.variant_id}[/bold], "
             f"{len(examples)} examples from {data.name}"
         )
-        result = _train_with_progress(
-            screen, base_model.path, examples, out_dir / "peft", config=config, alias=base_model.alias
-        )
+        result = _train_with_progress(screen, base_model, examples, out_dir / "peft", config=config)
         gguf_path = out_dir / f"{name}.gguf"
         from ..finetune.export import peft_to_gguf
 
@@ -140,7 +139,7 @@ def train(  # noqa: PLR0917 - typer maps parameters to CLI options
 
 
 def _train_with_progress(
-    screen: Any, gguf_path: Path, examples: Any, out_dir: Path, *, config: TrainConfig, alias: str
+    screen: Any, base: BaseModel, examples: Any, out_dir: Path, *, config: TrainConfig
 ) -> Any:
     from ..finetune.train import Step, train_lora
 
@@ -163,8 +162,8 @@ def _train_with_progress(
         def on_status(message: str) -> None:
             bar.update(task, description=message)
 
-        return train_lora(gguf_path, examples, out_dir, config, base_name=alias, on_step=on_step,
-                          on_status=on_status)
+        return train_lora(base.path, examples, out_dir, config, base_name=base.alias,
+                          chat_template=base.chat_template, on_step=on_step, on_status=on_status)
 
 
 def _quiet_transformers() -> None:

@@ -17,6 +17,7 @@ class BaseModel:
     alias: str
     variant_id: str
     path: Path
+    chat_template: str | None = None  # the catalog's override of the GGUF's template, as served
 
 
 def gguf_variant_of(catalog: Catalog, name: str) -> tuple[str, Variant]:
@@ -48,4 +49,4 @@ def resolve_base(
         if len(files) != 1:
             raise InvalidRequestError(f"'{variant.name}' is not a single GGUF file")
         path = files[0]
-    return BaseModel(alias=alias, variant_id=variant.id, path=path)
+    return BaseModel(alias=alias, variant_id=variant.id, path=path, chat_template=variant.chat_template)

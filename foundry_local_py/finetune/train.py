@@ -181,8 +181,9 @@ def encode_all(tokenizer: Any, examples: Sequence[Example], max_length: int) -> 
 # --- the model ---------------------------------------------------------------------------------------
 
 
-def load_base(gguf_path: Path) -> tuple[Any, Any]:
-    """(model, tokenizer) of a GGUF file: float32 weights, as conversion loads them."""
+def load_base(gguf_path: Path, chat_template: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a GGUF file: float32 weights, as conversion loads them.
+    ``chat_template`` overrides the GGUF's (the catalog's override, which the server uses too)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,8 +197,13 @@ def load_base(gguf_path: Path) -> tuple[Any, Any]:
     model.config.architectures = [type(model).__name__]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = chat_template
     if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError("the base model's GGUF carries no chat template to render examples with")
+        raise InvalidRequestError(
+            "the base model has no chat template (a base model, served for /v1/completions only): "
+            "chat examples cannot be rendered for it"
+        )
     return model, tokenizer
 
 
@@ -217,6 +223,7 @@ def train_lora(
     config: TrainConfig,
     *,
     base_name: str | None = None,
+    chat_template: str | None = None,
     on_step: Callable[[Step], None] | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> TrainResult:
@@ -230,7 +237,7 @@ def train_lora(
     status = on_status or (lambda _msg: None)
     status("Loading the base model (GGUF -> float32)")
     started = time.monotonic()
-    model, tokenizer = load_base(gguf_path)
+    model, tokenizer = load_base(gguf_path, chat_template)
     load_seconds = time.monotonic() - started
     encoded = encode_all(tokenizer, examples, config.max_length)
     modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
