@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import adapter, bench, cache, docs, hardware, model, serve, service
+from . import adapter, bench, cache, docs, finetune, hardware, model, serve, service
 
 app = typer.Typer(
     name="foundry-local",
@@ -20,8 +20,8 @@ app = typer.Typer(
 app.add_typer(model.app, name="model", help="Discover, download, run and manage models.")
 app.add_typer(cache.app, name="cache", help="Inspect and manage the local model cache.")
 app.add_typer(service.app, name="service", help="Start, stop and inspect the background service.")
-app.add_typer(adapter.app, name="adapter", help="Register, list and remove LoRA adapters.")
-# TODO(issue 14, merge): finetune.add_commands(adapter.app) adds `adapter train` (cli/finetune.py, issue-14t).
+finetune.add_commands(adapter.app)  # `adapter train`
+app.add_typer(adapter.app, name="adapter", help="Fine-tune, register, list and remove LoRA adapters.")
 app.command("serve", help="Run the server in the foreground.")(serve.serve)
 app.command("docs", help="Regenerate README's settings, metrics and routes tables from the code.")(
     docs.docs
