@@ -90,6 +90,15 @@ class SequenceFailure:
     error: Exception
 
 
+@dataclass
+class SequenceEnd:
+    """A sequence the runner ended normally before the model did: ``length`` when the KV pool
+    has no cell left for it and nothing else can make room (the pool's overflow rule)."""
+
+    request_id: str
+    reason: Literal["length"] = "length"
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     engine: str
@@ -124,7 +133,7 @@ class BatchRunner(Protocol):
     def remove(self, request_id: str) -> None:
         """Drop a sequence (finished, cancelled or stopped by a stop string) and free its slot."""
 
-    def step(self) -> Sequence[TokenOutput | SequenceFailure]:
+    def step(self) -> Sequence[TokenOutput | SequenceFailure | SequenceEnd]:
         """Advance every active sequence by at most one token (prefill included)."""
 
     def close(self) -> None:
@@ -138,6 +147,25 @@ class ReportsKvUsage(Protocol):
     def kv_usage(self) -> float:
         """KV cache held by running sequences / the runner's capacity (0 to 1). Cheap: the
         scheduler reads it once per step, on its worker thread."""
+
+
+@runtime_checkable
+class AdmitsByKv(Protocol):
+    """A runner with a shared KV pool (optional): the scheduler admits a request only when its
+    prompt fits (:meth:`kv_need` <= :meth:`kv_room`); one larger than :meth:`kv_capacity` can
+    never run."""
+
+    def kv_capacity(self) -> int:
+        """Cells in the whole pool."""
+
+    def kv_need(self, prompt_tokens: Sequence[int]) -> int:
+        """Cells the prompt would take now (its tokens less a prefix shared with the pool)."""
+
+    def kv_room(self) -> int:
+        """Cells new requests may take now (0 while a preempted sequence waits to resume)."""
+
+    def kv_report(self) -> dict[str, Any]:
+        """Pool state for /v1/slots: capacity, cells used by running / idle sequences, ..."""
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ class ModelState:
     """Sequences decoded together (``parallel``)."""
     kv_usage: float = 0.0
     """Fraction of the KV cache held by running sequences (0..1)."""
+    kv_tokens: int = 0
+    """The KV cache's capacity in tokens (the shared pool's cells)."""
 
 
 class _Registry(CollectorRegistry):
@@ -87,7 +89,13 @@ class _StateCollector(Collector):
         )
         kv = GaugeMetricFamily(
             f"{PREFIX}_kv_cache_usage_ratio",
-            "KV cache used by running requests: tokens held / capacity (0 to 1).",
+            "KV cache used by running requests: cells they hold (shared prefix cells once) / the "
+            "cells of the model's KV pool (0 to 1).",
+            labels=["model"],
+        )
+        kv_tokens = GaugeMetricFamily(
+            f"{PREFIX}_kv_cache_tokens",
+            "Capacity of the model's KV cache in tokens (the shared pool all slots draw on).",
             labels=["model"],
         )
         loaded = GaugeMetricFamily(
@@ -99,12 +107,14 @@ class _StateCollector(Collector):
             capacity.add_metric([s.model], s.max_queue)
             slots.add_metric([s.model], s.slots)
             kv.add_metric([s.model], s.kv_usage)
+            kv_tokens.add_metric([s.model], s.kv_tokens)
             loaded.add_metric([s.model, s.engine, s.device], 1)
         yield running
         yield waiting
         yield capacity
         yield slots
         yield kv
+        yield kv_tokens
         yield loaded
         size = self._cache_size()
         if size is not None:
