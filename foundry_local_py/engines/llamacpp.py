@@ -1,17 +1,43 @@
 """llama.cpp engine (GGUF), on llama-cpp-python's low-level bindings.
 
 We drive ``llama_decode`` ourselves instead of using ``llama_cpp.Llama``: one context holds
-``max_batch`` sequences (one KV-cache stream each), and every :meth:`_LlamaRunner.step` builds a
-single batch with one decode token per generating sequence plus a chunk of prompt tokens of
-sequences still in prefill. That is continuous batching with chunked prefill, as llama.cpp's own
-``llama-server`` does it.
+``max_batch`` sequences, and every :meth:`_LlamaRunner.step` builds a single batch with one decode
+token per generating sequence plus a chunk of prompt tokens of sequences still in prefill. That is
+continuous batching with chunked prefill, as llama.cpp's own ``llama-server`` does it.
+
+The shared KV pool (the default): the context's KV cache is llama.cpp's unified cache, one pool
+of ``kv_tokens`` cells all sequences draw on (``n_ctx`` = the pool, ``n_seq_max`` = slots), as
+``llama-server --kv-unified`` and vLLM's block manager do: slots are only concurrency, and one
+request may use up to the model's context (``EngineInfo.n_ctx`` = min(context, pool)). The pool's
+cells are mirrored on the host (:class:`~.kv_pool.KvPool`: the C API does not report them).
+Admission: the scheduler starts a request only when its prompt (less a prefix the pool already
+holds) fits the room left after what running sequences still need (:meth:`_LlamaRunner.kv_room`,
+with a 1% watermark); a prompt larger than the pool is refused at validation. Overflow, one rule:
+when a step's tokens do not fit, idle slots' cached sequences are dropped (least recently used
+first); if that is not enough, the youngest running sequence is preempted (vLLM's recompute
+preemption): its cells are freed, it keeps its slot and its sampler (grammar, penalties, RNG), and
+it recomputes prompt + generated tokens as soon as room comes back, before any new request starts,
+so its stream continues without a gap in its text. A sequence alone in the pool that still
+cannot get a cell (only possible with a context larger than the pool) ends with
+``finish_reason: length``. ``llama_decode`` returning 1 (no cells) changes nothing in the cache:
+the batch's tokens are taken back and the same rule applies.
 
 Prefix caching: each slot remembers the tokens whose KV entries it holds (also after its request
-ended), and finished sequences are also kept in a host-memory :class:`PromptCache`. A new request
-starts from the longest prefix of its prompt found in its own slot (a chat's previous turn), in
-another slot (busy or idle) or in the host cache; state from elsewhere is copied into its slot
-(``llama_state_seq_get/set_data``), then cut to the shared prefix. A system prompt common to all
-requests is computed once, not once per slot.
+ended), and finished sequences are also kept in a host-memory :class:`PromptCache` (sized from the
+KV cache: 1/8 of its bytes by default). A new request starts from the longest prefix of its prompt
+found in its own slot (a chat's previous turn), in another slot (busy or idle) or in the host
+cache. In the pool a prefix held by another sequence is shared with ``llama_memory_seq_cp``: its
+cells get one more owner, nothing is copied and no memory is used; with per-slot streams, and from
+the host cache, the state is copied (``llama_state_seq_get/set_data``), then cut to the shared
+prefix. A system prompt common to all requests is computed once, not once per slot.
+
+What the pool gives up: attention over a shared cache computes a sequence's logits slightly
+differently depending on which cells its neighbours hold, so greedy tokens may change with load.
+Deterministic mode keeps one KV stream of ``n_ctx`` cells per slot instead (slots x context of
+memory) and with it the "same tokens alone or among 8" property.
+
+KV cache type (``kv_cache_type``): f16, q8_0 or q4_0 for both K and V (llama.cpp's -ctk/-ctv);
+a quantized V cache needs flash attention (on by default).
 
 Deterministic mode (``LlamaCppOptions.deterministic``): the same request gives the same tokens
 whatever else runs, is cached or arrived first. Measured on this build (ggml CPU, SmolLM2 Q4_1,
@@ -29,7 +55,7 @@ other slot, host cache) changes later greedy tokens. The mode prefills at most
 every cell is then computed on the same path, so a reused prefix is bit-identical to
 recomputing it and prefix reuse stays on in full. Sampling RNGs are per sequence, seeded from the
 request only (as in the default mode). GPU offload is refused in this mode (its kernels depend
-on the batch size; not verified).
+on the batch size; not verified). The mode uses per-slot KV streams (no shared pool).
 
 Sampling uses llama.cpp's sampler chains (one per sequence): logit bias, penalties, grammar
 (structured output), top-k, top-p, min-p, temperature, seeded dist / greedy.
