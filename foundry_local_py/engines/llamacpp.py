@@ -527,6 +527,7 @@ class _LlamaRunner:
         slot.request_id = None
         slot.pending = None
         self._parked.pop(slot.seq_id, None)
+        self._held = False
         if self._cache is not None and len(slot.cached) >= _MIN_CACHED:
             self._cache.put(slot.cached, lambda: self._state_of(slot))
         self._tick += 1
@@ -683,6 +684,8 @@ class _LlamaRunner:
         """Preempted sequences (seq id -> tokens to recompute: prompt + generated)."""
         self._age: dict[int, int] = {}
         self._admissions = 0
+        self._held = False
+        """llama_decode found fewer cells than the mirror: no resuming until a sequence ends."""
         self.preemptions = 0
 
     def _admitted(self, slot: _Slot) -> None:
@@ -803,6 +806,8 @@ class _LlamaRunner:
     def _resume_parked(self) -> None:
         """Preempted sequences resume, oldest first, as soon as their tokens fit."""
         assert self._pool is not None
+        if self._held:
+            return
         for seq_id in sorted(self._parked, key=lambda k: self._age[k]):
             tokens = self._parked[seq_id]
             if self.kv_need(tokens) > self._room(watermark=bool(self._running())):
@@ -832,6 +837,11 @@ class _LlamaRunner:
             self._pool.truncate(seq, keep)
             if keep >= len(slot.prompt):  # it was decoding: its sampled token goes again
                 slot.pending = undone
+        idle = [s for s in self._slots if s.request_id is None and s.cached]
+        if idle:  # the rule's first resort: idle slots' cached sequences
+            self._evict_idle(self._pool.n_cells)
+            return []
+        self._held = True
         running = self._running()
         if len(running) > 1:
             self._preempt(max(running, key=lambda s: self._age[s.seq_id]))
