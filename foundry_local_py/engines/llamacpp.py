@@ -104,6 +104,7 @@ _MIN_GAIN = 4  # prompt tokens a state copy must save to be worth it
 _MIN_CACHED = 8  # shorter sequences are not worth a place in the host prompt cache
 DET_CHUNK = 32
 """Deterministic mode: most prompt tokens of one sequence per ``llama_decode`` (under 64: one path)."""
+_MAX_SEQ = 256  # LLAMA_MAX_SEQ of this llama.cpp
 _GGML_KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
                   "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
@@ -449,7 +450,7 @@ class _LlamaRunner:
         self._configure_kv(cparams)
         cparams.n_batch = N_BATCH
         cparams.n_ubatch = N_BATCH
-        cparams.n_seq_max = self.max_batch
+        cparams.n_seq_max = self.max_batch + self._n_kept
         cparams.n_threads = opts.n_threads
         cparams.n_threads_batch = opts.n_threads
         cparams.no_perf = True
@@ -528,6 +529,7 @@ class _LlamaRunner:
         slot.pending = None
         self._parked.pop(slot.seq_id, None)
         self._held = False
+        self._keep_finished(slot)
         if self._cache is not None and len(slot.cached) >= _MIN_CACHED:
             self._cache.put(slot.cached, lambda: self._state_of(slot))
         self._tick += 1
@@ -673,6 +675,12 @@ class _LlamaRunner:
         shared stream computes a sequence's logits differently depending on its neighbours in
         the batch, so outputs would change with load (greedy included)."""
         plan = self.engine.kv_plan
+        model = self.engine.model_ptr
+        # Finished sequences stay in the pool's free cells under spare sequence ids (no copy, no
+        # memory: the pool is allocated anyway) until their cells are needed: vLLM's cached
+        # blocks. Not for sliding-window models (their cells expire) or without a pool.
+        shareable = plan.pooled and not llama_cpp.llama_model_n_swa(model) > 0
+        self._n_kept = min(3 * self.max_batch, _MAX_SEQ - self.max_batch) if shareable else 0
         cparams.n_ctx = plan.kv_tokens
         cparams.kv_unified = plan.pooled
         cparams.type_k = cparams.type_v = _GGML_KV_TYPES[self.engine.options.kv_cache_type]
@@ -684,6 +692,9 @@ class _LlamaRunner:
         """Preempted sequences (seq id -> tokens to recompute: prompt + generated)."""
         self._age: dict[int, int] = {}
         self._admissions = 0
+        self._kept: dict[int, list[int]] = {}
+        """Finished sequences kept in the pool (seq id -> tokens), least recently used first."""
+        self._spare = list(range(self.max_batch + self._n_kept - 1, self.max_batch - 1, -1))
         self._held = False
         """llama_decode found fewer cells than the mirror: no resuming until a sequence ends."""
         self.preemptions = 0
@@ -700,8 +711,9 @@ class _LlamaRunner:
             return 0
         want = as_tokens(prompt_tokens)
         limit = len(prompt_tokens) - 1
-        shared = max((min(common_prefix(as_tokens(s.cached), want), limit) for s in self._slots
-                      if self._share or s.request_id is None), default=0)
+        held = [s.cached for s in self._slots if self._share or s.request_id is None]
+        shared = max((min(common_prefix(as_tokens(t), want), limit) for t in [*held, *self._kept.values()]),
+                     default=0)
         return len(prompt_tokens) - shared
 
     def kv_room(self) -> int:
@@ -719,6 +731,7 @@ class _LlamaRunner:
         return {"pooled": True, "capacity_tokens": self._pool.n_cells,
                 "used_tokens": self._pool.held_by(running),
                 "cached_tokens": self._pool.used, "free_tokens": self._pool.free,
+                "kept_sequences": len(self._kept),
                 "cache_type": self.engine.options.kv_cache_type,
                 "preempted": len(self._parked), "preemptions": self.preemptions}
 
@@ -731,7 +744,7 @@ class _LlamaRunner:
         pool, so a new sequence does not get preempted at once (vLLM's watermark)."""
         assert self._pool is not None
         running = self._running()
-        idle = [s.seq_id for s in self._slots if s.request_id is None and s.cached]
+        idle = self._evictable()
         owed = sum(max(0, len(s.prompt) - len(s.cached)) for s in running) + len(running)
         reserve = self._pool.n_cells // 100 if watermark else 0
         return self._pool.free + self._pool.exclusive_to(idle) - owed - reserve
@@ -770,10 +783,48 @@ class _LlamaRunner:
                 slot.prompt = list(slot.cached)
             return ended
 
+    def _evictable(self) -> list[int]:
+        """Sequence ids whose cells no running sequence needs: kept ones, then idle slots."""
+        return [*self._kept, *(s.seq_id for s in self._slots if s.request_id is None and s.cached)]
+
+    def _keep_finished(self, slot: _Slot) -> None:
+        """Keep a finished sequence's cells in the pool under a spare id (``llama_memory_seq_cp``:
+        its cells get one more owner), so a later prompt can start from it after the slot moved
+        on; an entry it extends is dropped, and the least recently used one makes room."""
+        if self._pool is None or not self._n_kept or len(slot.cached) < _MIN_CACHED:
+            return
+        tokens = slot.cached
+        arr = as_tokens(tokens)
+        for sid, kept in list(self._kept.items()):
+            n = common_prefix(as_tokens(kept), arr)
+            if n == len(tokens):  # already kept
+                self._kept[sid] = self._kept.pop(sid)
+                return
+            if n == len(kept):  # the new one extends it
+                self._drop_kept(sid)
+        if not self._spare:
+            self._drop_kept(next(iter(self._kept)))
+        sid = self._spare.pop()
+        llama_cpp.llama_memory_seq_cp(self._mem, slot.seq_id, sid, 0, len(tokens))
+        self._pool.share(slot.seq_id, sid, len(tokens))
+        self._kept[sid] = list(tokens)
+
+    def _drop_kept(self, sid: int) -> int:
+        assert self._pool is not None
+        del self._kept[sid]
+        llama_cpp.llama_memory_seq_rm(self._mem, sid, -1, -1)
+        self._spare.append(sid)
+        return self._pool.truncate(sid, 0)
+
     def _evict_idle(self, cells: int) -> None:
-        """Drop idle slots' cached sequences, least recently used first, until ``cells`` are freed."""
+        """Drop kept sequences, then idle slots' cached sequences, least recently used first,
+        until ``cells`` are freed."""
         assert self._pool is not None
         freed = 0
+        for sid in list(self._kept):
+            if freed >= cells:
+                return
+            freed += self._drop_kept(sid)
         for slot in sorted((s for s in self._slots if s.request_id is None and s.cached),
                            key=lambda s: s.last_used):
             if freed >= cells:
@@ -837,8 +888,7 @@ class _LlamaRunner:
             self._pool.truncate(seq, keep)
             if keep >= len(slot.prompt):  # it was decoding: its sampled token goes again
                 slot.pending = undone
-        idle = [s for s in self._slots if s.request_id is None and s.cached]
-        if idle:  # the rule's first resort: idle slots' cached sequences
+        if self._evictable():  # the rule's first resort: cached sequences no one runs
             self._evict_idle(self._pool.n_cells)
             return []
         self._held = True
@@ -863,19 +913,24 @@ class _LlamaRunner:
             pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, slot.seq_id)
             if pos_min > max(0, keep - self._n_swa):
                 keep = 0
-        donor: _Slot | None = None
+        donor: int | None = None
         if self._share:
             for other in self._slots:
                 n = shared[other.seq_id]
                 if other is not slot and n > keep and self._pool.length(other.seq_id) >= n:
-                    donor, keep = other, n
+                    donor, keep = other.seq_id, n
+            for sid, kept in self._kept.items():
+                n = min(common_prefix(as_tokens(kept), want), limit)
+                if n > keep:
+                    donor, keep = sid, n
+            if donor in self._kept:
+                self._kept[donor] = self._kept.pop(donor)  # recently used
         found = (self._cache.lookup(want, keep + _MIN_GAIN - 1)
                  if self._share and self._cache is not None else None)
         if found is not None:
             entry, n = found
             self._drop_cells(slot, 0)
-            idle = [s.seq_id for s in self._slots if s.request_id is None and s.cached]
-            if self._pool.free + self._pool.exclusive_to(idle) >= len(entry.tokens):
+            if self._pool.free + self._pool.exclusive_to(self._evictable()) >= len(entry.tokens):
                 self._evict_idle(len(entry.tokens) - self._pool.free)
                 buf = (ctypes.c_uint8 * len(entry.state)).from_buffer_copy(entry.state)
                 if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(entry.state), slot.seq_id):
@@ -889,8 +944,8 @@ class _LlamaRunner:
             donor, keep = None, 0
         if donor is not None:
             self._drop_cells(slot, 0)
-            llama_cpp.llama_memory_seq_cp(self._mem, donor.seq_id, slot.seq_id, 0, keep)
-            self._pool.share(donor.seq_id, slot.seq_id, keep)
+            llama_cpp.llama_memory_seq_cp(self._mem, donor, slot.seq_id, 0, keep)
+            self._pool.share(donor, slot.seq_id, keep)
         else:
             self._drop_cells(slot, keep)
         slot.cached = list(prompt[:keep])
