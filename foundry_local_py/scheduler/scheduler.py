@@ -327,7 +327,6 @@ class Scheduler:
             too_big: list[RequestHandle] = []
             kv_usage = _kv_usage(kv_reader)
             kv_report = _kv_report(pool)
-            room = pool.kv_room() if pool is not None else 0
             with self._cond:
                 self._kv_usage = kv_usage
                 self._kv_report = kv_report
@@ -337,8 +336,7 @@ class Scheduler:
                         return
                     self._cond.wait(timeout=1.0)
                     self._expire_waiting()
-                if pool is not None and not self._active and self._waiting:
-                    room = pool.kv_room()  # everything may have finished since it was read
+                room = pool.kv_room() if pool is not None and self._waiting else 0
                 while self._waiting and len(self._active) + len(admitted) < runner.max_batch:
                     handle = self._waiting[0]
                     if handle.cancelled:
