@@ -138,8 +138,9 @@ def plan_kv(options: EngineOptions, f16_bytes_per_token: int, n_ctx_train: int, 
     Pooled: the pool has ``kv_tokens`` cells (default :func:`default_kv_tokens`) and a request may
     use the model's context (``n_ctx``, default its training context) up to the whole pool.
     Per-slot streams (deterministic mode): ``max_batch`` streams of ``n_ctx`` cells (default the
-    training context capped at :data:`DEFAULT_CONTEXT`). The host prompt cache defaults to 1/8
-    of the KV cache's bytes, at most 256 MiB."""
+    training context capped at :data:`DEFAULT_CONTEXT`). The host prompt cache defaults to none
+    with the pool (finished sequences stay in the pool's free cells: the pool is the prefix cache,
+    as in vLLM) and to 1/8 of the KV cache's bytes, at most 256 MiB, with per-slot streams."""
     per_token = kv_bytes_per_token(f16_bytes_per_token, options.kv_cache_type)
     if pooled:
         ctx = options.n_ctx or n_ctx_train
@@ -150,7 +151,7 @@ def plan_kv(options: EngineOptions, f16_bytes_per_token: int, n_ctx_train: int, 
         tokens = n_ctx * options.max_batch
     cache = options.prompt_cache_bytes
     if cache is None:
-        cache = min(256 << 20, tokens * per_token // 8)
+        cache = 0 if pooled else min(256 << 20, tokens * per_token // 8)
     return KvPlan(pooled, n_ctx, tokens, per_token, cache)
 
 

@@ -23,13 +23,15 @@ cannot get a cell (only possible with a context larger than the pool) ends with
 the batch's tokens are taken back and the same rule applies.
 
 Prefix caching: each slot remembers the tokens whose KV entries it holds (also after its request
-ended), and finished sequences are also kept in a host-memory :class:`PromptCache` (sized from the
-KV cache: 1/8 of its bytes by default). A new request starts from the longest prefix of its prompt
-found in its own slot (a chat's previous turn), in another slot (busy or idle) or in the host
-cache. In the pool a prefix held by another sequence is shared with ``llama_memory_seq_cp``: its
-cells get one more owner, nothing is copied and no memory is used; with per-slot streams, and from
-the host cache, the state is copied (``llama_state_seq_get/set_data``), then cut to the shared
-prefix. A system prompt common to all requests is computed once, not once per slot.
+ended); in the pool, finished sequences also stay in its free cells under spare sequence ids
+until those cells are needed, and may also be copied to a host-memory :class:`PromptCache`
+(``prompt_cache_mib``; by default only with per-slot streams, 1/8 of the KV cache's bytes). A
+new request starts from the longest prefix of its prompt found in its own slot (a chat's previous
+turn), in another slot (busy or idle), in a kept sequence or in the host cache. In the pool a
+prefix held by another sequence is shared with ``llama_memory_seq_cp``: its cells get one more
+owner, nothing is copied and no memory is used; with per-slot streams, and from the host cache,
+the state is copied (``llama_state_seq_get/set_data``), then cut to the shared prefix. A system
+prompt common to all requests is computed once, not once per slot.
 
 What the pool gives up: attention over a shared cache computes a sequence's logits slightly
 differently depending on which cells its neighbours hold, so greedy tokens may change with load.
@@ -167,8 +169,8 @@ class LlamaCppOptions:
     n_gpu_layers: int = 0
     flash_attn: bool = True
     prompt_cache_bytes: int | None = None
-    """Host memory for the KV state of finished sequences (0: off; None: 1/8 of the KV cache's
-    bytes, see :func:`~.backends.plan_kv`)."""
+    """Host memory for the KV state of finished sequences (0: off; None: derived, see
+    :func:`~.backends.plan_kv`: none with the pool, 1/8 of the KV cache with per-slot streams)."""
     deterministic: bool = False
     """Same tokens for the same request whatever else runs or is cached (see the module doc).
     Uses one KV stream per slot instead of the shared pool."""

@@ -64,7 +64,7 @@ def test_a_request_may_use_the_model_context_and_slots_do_not_multiply_the_pool(
     # The pool caps the context; the host prompt cache defaults to 1/8 of the KV bytes.
     small = plan_kv(EngineOptions(n_threads=1, max_batch=8, n_ctx=8192, kv_tokens=2048), 23040, 8192,
                     pooled=True)
-    assert small.n_ctx == 2048 and small.prompt_cache_bytes == 2048 * 23040 // 8
+    assert small.n_ctx == 2048 and small.prompt_cache_bytes == 0  # the pool is the prefix cache
     # Per-slot streams (deterministic mode): slots x context, the context capped at 4096.
     det = plan_kv(EngineOptions(n_threads=1, max_batch=8, deterministic=True), 23040, 8192, pooled=False)
     assert (det.n_ctx, det.kv_tokens) == (4096, 8 * 4096)
@@ -80,7 +80,7 @@ def test_the_memory_estimate_counts_the_pool_not_slots_times_context(smollm2_ggu
     opts = EngineOptions(n_threads=1, max_batch=8, n_ctx=8192, kv_tokens=8192)
     est = LLAMA_CPP.estimate_memory(smollm2_gguf, opts)
     assert est.kv_cache == 8192 * 23040  # 180 MiB; 8 slots x 8192 would be 1.4 GiB
-    assert est.prompt_cache == est.kv_cache // 8
+    assert est.prompt_cache == 0
     q8 = LLAMA_CPP.estimate_memory(smollm2_gguf, EngineOptions(
         n_threads=1, max_batch=8, n_ctx=8192, kv_tokens=8192, kv_cache_type="q8_0"))
     assert q8.kv_cache == 8192 * (23040 * 34 // 64)
