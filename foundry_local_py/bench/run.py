@@ -53,7 +53,8 @@ class BenchConfig:
     """Add a random tag to each prompt, so no request repeats an earlier one (every level sends
     the same 16 prompts otherwise, which a server with a prompt cache has seen before)."""
     vs: str | None = None
-    """'llama-server': also run llama.cpp's C++ server on the same GGUF with our slots and pool."""
+    """'llama-server': also run llama.cpp's C++ server on the same GGUF with our slots and pool;
+    'deterministic': also run our server in deterministic mode (per-slot KV streams): its cost."""
     llama_server: Path | None = None
     """The llama-server binary (default: where scripts/build_llama_server.sh puts it)."""
     workloads: list[str] = field(default_factory=lambda: ["shared"])
@@ -112,8 +113,8 @@ def _check(cfg: BenchConfig) -> Path | None:
     if unknown:
         raise SystemExit(f"unknown workload(s) {', '.join(sorted(unknown))}; "
                          f"choose from {', '.join(WORKLOADS)}")
-    if cfg.vs not in (None, "llama-server"):
-        raise SystemExit(f"--vs {cfg.vs}: only llama-server is known")
+    if cfg.vs not in (None, "llama-server", "deterministic"):
+        raise SystemExit(f"--vs {cfg.vs}: llama-server or deterministic")
     return llama_server_binary(cfg.llama_server) if cfg.vs == "llama-server" else None
 
 
@@ -182,6 +183,12 @@ def _start(cfg: BenchConfig, gguf: Path | None, peer_bin: Path | None, *, report
         peer = start_llama_cpp_server(gguf, n_threads=cfg.n_threads, n_ctx=cfg.n_ctx, log_dir=cfg.log_dir)
         servers.append(peer)
         targets.append(("llama_cpp.server", peer.base_url, "peer"))
+    if cfg.vs == "deterministic":
+        console.print("starting foundry-local-py --deterministic ...")
+        det = start_ours(cfg.model, n_threads=cfg.n_threads, log_dir=cfg.log_dir,
+                         extra=[*cfg.server_args, "--deterministic"], name="deterministic")
+        servers.append(det)
+        targets.append(("deterministic", det.base_url, cfg.model))
     if peer_bin is not None:
         assert gguf is not None
         parallel, kv_tokens = _our_pool(targets[0][1], cfg.model, cfg.api_key)

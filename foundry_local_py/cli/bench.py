@@ -34,7 +34,8 @@ def bench(  # noqa: PLR0917 - one parameter per flag
                                           "(llama.cpp vs ONNX) in-process instead")] = False,
     vs: Annotated[str | None, typer.Option(
         "--vs", help="Also run this peer on the same GGUF: llama-server (llama.cpp's C++ server, "
-        "built by scripts/build_llama_server.sh) with our slots and KV pool size")] = None,
+        "built by scripts/build_llama_server.sh) with our slots and KV pool size; or deterministic "
+        "(our server in deterministic mode: what it costs)")] = None,
     llama_server: Annotated[Path | None, typer.Option(help="The llama-server binary")] = None,
     workloads: Annotated[str | None, typer.Option(
         help="Comma-separated: shared, unique, multi-turn, agent (default: shared; with --vs: all)")] = None,
@@ -55,7 +56,8 @@ def bench(  # noqa: PLR0917 - one parameter per flag
         vs_peer=vs_peer, ceiling=not no_ceiling, n_threads=n_threads or physical_cores(),
         api_key=api_key, json_path=json_out, server_args=server_arg or [], pairs=pairs,
         api=api, unique_prompts=unique_prompts, baseline=baseline, vs=vs, llama_server=llama_server,
-        workloads=[w.strip() for w in (workloads or ("shared,unique,multi-turn,agent" if vs else "shared"))
+        workloads=[w.strip() for w in (workloads or ("shared,unique,multi-turn,agent" if vs == "llama-server"
+                                                     else "shared"))
                    .split(",") if w.strip()],
         conversations=conversations, turns=turns, rounds=rounds,
     ))
