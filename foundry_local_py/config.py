@@ -35,18 +35,23 @@ def physical_cores() -> int:
 
 
 KV_TOKEN_BUDGET = 32768
-"""Default bound on the KV cache of one model, in tokens (slots x context per request)."""
+"""Default bound on the KV cache of one model without a shared pool, in tokens (slots x context
+per request)."""
 
 
-def auto_parallel(n_ctx: int, cores: int | None = None) -> int:
+def auto_parallel(n_ctx: int | None, cores: int | None = None) -> int:
     """Default slot count for a model with ``n_ctx`` tokens of context per request.
 
     Four per physical core, 4 to 16: decoding a small model is bound by memory traffic for the
     weights, which a step shares among all its sequences, so extra slots cost little per token.
-    At most ``KV_TOKEN_BUDGET // n_ctx``, so long contexts do not multiply the KV cache's memory.
+    Without a shared KV pool (``n_ctx`` given: each slot has its own stream), at most
+    ``KV_TOKEN_BUDGET // n_ctx``, so long contexts do not multiply the KV cache's memory; with the
+    pool (``n_ctx`` None) slots cost no memory and only the cores count.
     """
     cores = cores or physical_cores()
     by_cores = min(16, max(4, 4 * cores))
+    if n_ctx is None:
+        return by_cores
     by_ctx = max(1, KV_TOKEN_BUDGET // max(1, n_ctx))
     return min(by_cores, by_ctx)
 
@@ -134,25 +139,40 @@ class Settings(BaseSettings):
         json_schema_extra={"default_doc": "all cores"},
     )
     n_ctx: int | None = Field(
-        None, ge=64, description="Context per request; the KV cache holds `parallel` of these.",
-        json_schema_extra={"default_doc": "the model's, capped at 4096"},
+        None, ge=64, description="Longest request (prompt + completion). With the shared KV pool "
+        "(llama.cpp) it is capped by kv_tokens; without one (ONNX, deterministic mode) each slot "
+        "has a KV stream of this many tokens.",
+        json_schema_extra={"default_doc": "the model's (per-slot streams: capped at 4096)"},
     )
     parallel: int | None = Field(
         None, ge=1, le=64,
         validation_alias=AliasChoices("parallel", "max_batch_size", "FOUNDRY_LOCAL_PARALLEL",
                                       "FOUNDRY_LOCAL_MAX_BATCH_SIZE"),
-        description="Slots: sequences decoded together per model. Default: 4 per core, 4 to 16, at most"
-                    " 32768 / n_ctx.",
+        description="Slots: sequences decoded together per model. Default: 4 per core, 4 to 16 (per-slot"
+                    " KV streams: at most 32768 / n_ctx).",
         json_schema_extra={"flags": ["--parallel", "--max-batch", "--max-batch-size"],
-                           "default_doc": "from cores and context"},
+                           "default_doc": "from cores (and context)"},
     )
-
-    prompt_cache_mib: int = Field(
-        256, ge=0, description="Host memory per model for KV states of finished requests (0: off).")
+    kv_tokens: int | None = Field(
+        None, ge=256, description="Tokens in a model's shared KV pool (llama.cpp, outside "
+        "deterministic mode): all slots draw on it, one request may use up to its model's context; "
+        "a request waits in the queue until its prompt fits. Default: the model's context, 4096 to "
+        "16384, at most 1/8 of the memory budget.",
+        json_schema_extra={"default_doc": "from the model's context and memory"},
+    )
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16", description="KV cache element type (llama.cpp's -ctk/-ctv, Ollama's "
+        "OLLAMA_KV_CACHE_TYPE): q8_0 halves the KV memory, q4_0 quarters it, at some fidelity cost.")
+    prompt_cache_mib: int | None = Field(
+        None, ge=0, description="Host memory per model for KV states of finished requests (0: off). "
+        "With the shared KV pool, finished requests stay in the pool's free cells first.",
+        json_schema_extra={"default_doc": "0 with the shared KV pool; per-slot streams: 1/8 of the KV "
+                                          "cache, at most 256"})
     deterministic: bool = Field(
         False, description="Deterministic mode: at temperature 0 or with a seed, the same request "
         "gives the same tokens whatever else runs, is cached or arrived first (llama.cpp on the "
-        "CPU only; prefills long new prompts ~1.2x slower).")
+        "CPU only; one KV stream of n_ctx tokens per slot instead of the shared pool, so more "
+        "memory; prefills long new prompts ~1.2x slower).")
     max_loras: int = Field(
         4, ge=1, description="LoRA adapters kept loaded per model (least recently used idle ones "
         "are freed beyond it; more may be held while requests use them).")

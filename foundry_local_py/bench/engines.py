@@ -36,7 +36,8 @@ def _worker(fmt: str, path: str, n_threads: int, decode_tokens: int) -> dict[str
     from ..engines.base import GenerationRequest, SamplingParams
 
     t0 = time.perf_counter()
-    engine = load_engine(fmt, Path(path), EngineOptions(n_threads=n_threads, max_batch=1, n_ctx=2048))
+    engine = load_engine(fmt, Path(path),
+                         EngineOptions(n_threads=n_threads, max_batch=1, n_ctx=2048, kv_tokens=2048))
     load_s = time.perf_counter() - t0
     spec = engine.chat_template()
 

@@ -113,12 +113,13 @@ def _r(x: float | None) -> float | None:
 
 async def _one(
     client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, *,
-    api_key: str | None,
+    api_key: str | None, messages: list[dict[str, str]] | None = None,
 ) -> RequestResult:
-    """One streamed request; ``url`` ends in /chat/completions or /completions."""
+    """One streamed request; ``url`` ends in /chat/completions or /completions (``messages``: a
+    whole conversation instead of one user ``prompt``)."""
     body: dict[str, object] = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     if url.endswith("/chat/completions"):
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = list(messages) if messages is not None else [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -101,3 +101,39 @@ def start_llama_cpp_server(gguf: Path, *, n_threads: int, n_ctx: int, log_dir: P
     server = ServerProcess("llama_cpp.server", proc, f"http://127.0.0.1:{port}/v1", log_path)
     _wait_ready(server, f"http://127.0.0.1:{port}/v1/models", 300)
     return server
+
+
+def llama_server_binary(explicit: Path | None = None) -> Path:
+    """llama.cpp's ``llama-server``, as ``scripts/build_llama_server.sh`` builds it (benchmark
+    only) from the sources vendored in the pinned llama-cpp-python sdist: ``explicit`` if given,
+    else the script's cache folder (``FOUNDRY_PEER_CACHE``, default ~/.cache/foundry-local-py/peers)."""
+    if explicit is not None:
+        return explicit
+    import re
+    from importlib.metadata import version
+
+    root = Path(os.environ.get("FOUNDRY_PEER_CACHE") or Path.home() / ".cache" / "foundry-local-py" / "peers")
+    pinned = None
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if pyproject.is_file():
+        m = re.search(r"llama-cpp-python==([0-9.]+)", pyproject.read_text())
+        pinned = m.group(1) if m else None
+    binary = root / f"llama-server-{pinned or version('llama-cpp-python')}" / "build" / "bin" / "llama-server"
+    if not binary.is_file():
+        raise SystemExit(f"no llama-server at {binary}; build it once with scripts/build_llama_server.sh "
+                         "(about 20 minutes on 2 cores) or pass --llama-server PATH")
+    return binary
+
+
+def start_llama_server(binary: Path, gguf: Path, *, n_threads: int, parallel: int, kv_tokens: int,
+                       log_dir: Path) -> ServerProcess:
+    """llama.cpp's C++ server with the same pool as ours: ``--parallel`` slots sharing one unified
+    KV cache of ``kv_tokens`` cells (``-c``, ``--kv-unified``), flash attention on as ours."""
+    port = free_port()
+    args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(n_threads), "-tb", str(n_threads), "--parallel", str(parallel),
+            "-c", str(kv_tokens), "--kv-unified", "-fa", "on", "--alias", "peer"]
+    proc, log_path = _spawn("llama-server", args, log_dir)
+    server = ServerProcess("llama-server", proc, f"http://127.0.0.1:{port}/v1", log_path)
+    _wait_ready(server, f"http://127.0.0.1:{port}/health", 300)
+    return server

@@ -1,4 +1,5 @@
-"""``foundry-local bench``: load an OpenAI-compatible endpoint; ``--vs-peer`` adds llama_cpp.server."""
+"""``foundry-local bench``: load an OpenAI-compatible endpoint; ``--vs-peer`` adds llama_cpp.server,
+``--vs llama-server`` llama.cpp's C++ server (same GGUF, same slots and KV pool)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,17 @@ def bench(  # noqa: PLR0917 - one parameter per flag
                                            "same concurrency (the highest level), one run")] = False,
     adapter: Annotated[list[Path] | None, typer.Option(
         help="GGUF LoRA for --lora-mix (twice; default: two random rank-8 adapters)")] = None,
-    rounds: Annotated[int, typer.Option(help="--lora-mix: base/mixed pairs (alternating)")] = 1,
+    vs: Annotated[str | None, typer.Option(
+        "--vs", help="Also run this peer on the same GGUF: llama-server (llama.cpp's C++ server, "
+        "built by scripts/build_llama_server.sh) with our slots and KV pool size; or deterministic "
+        "(our server in deterministic mode: what it costs)")] = None,
+    llama_server: Annotated[Path | None, typer.Option(help="The llama-server binary")] = None,
+    workloads: Annotated[str | None, typer.Option(
+        help="Comma-separated: shared, unique, multi-turn, agent (default: shared; with --vs: all)")] = None,
+    conversations: Annotated[int, typer.Option(help="Parallel conversations (multi-turn, agent)")] = 8,
+    turns: Annotated[int, typer.Option(help="Turns per conversation (multi-turn, agent)")] = 6,
+    rounds: Annotated[int, typer.Option(
+        help="Rounds of each conversation workload; --lora-mix: base/mixed pairs (alternating)")] = 2,
 ) -> None:
     if engines:
         from ..bench.engines import compare
@@ -59,5 +70,9 @@ def bench(  # noqa: PLR0917 - one parameter per flag
         concurrency=[int(c) for c in concurrency.split(",") if c.strip()], max_tokens=max_tokens,
         vs_peer=vs_peer, ceiling=not no_ceiling, n_threads=n_threads or physical_cores(),
         api_key=api_key, json_path=json_out, server_args=server_arg or [], pairs=pairs,
-        api=api, unique_prompts=unique_prompts, baseline=baseline,
+        api=api, unique_prompts=unique_prompts, baseline=baseline, vs=vs, llama_server=llama_server,
+        workloads=[w.strip() for w in (workloads or ("shared,unique,multi-turn,agent" if vs == "llama-server"
+                                                     else "shared"))
+                   .split(",") if w.strip()],
+        conversations=conversations, turns=turns, rounds=rounds,
     ))

@@ -27,8 +27,17 @@ if TYPE_CHECKING:
     from .base import Engine
 
 DEFAULT_CONTEXT = 4096
-"""Context per request unless a setting says otherwise (Ollama's default): the KV cache holds
-``max_batch`` of these, so a small model's full 8k-32k would cost hundreds of MB."""
+"""Context per request of an engine without a shared KV pool (ONNX, llama.cpp in deterministic
+mode) unless a setting says otherwise (Ollama's default): its KV cache holds ``max_batch`` of
+these, so a small model's full 8k-32k would cost hundreds of MB."""
+
+KV_POOL_MIN = 4096
+KV_POOL_MAX = 16384
+KV_POOL_MEMORY_SHARE = 8
+"""The default pool takes at most 1 / this of the memory budget."""
+KV_CACHE_TYPES: Mapping[str, float] = MappingProxyType({"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32})
+"""KV cache element types (llama.cpp's -ctk / -ctv) and their bytes per element (q8_0 and q4_0
+store blocks of 32 values with one f16 scale)."""
 
 SamplingField = Literal[
     "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
@@ -55,6 +64,9 @@ class Capabilities:
     """Serves LoRA adapters per request (``GenerationRequest.lora``)."""
     prefix_cache: bool = False
     """Reuses cached KV for a shared prompt prefix (reported as cached_tokens)."""
+    kv_pool: bool = False
+    """One KV pool shared by all slots (``kv_tokens``), outside deterministic mode: a request
+    may use the model's whole context, admission waits for KV room."""
     max_batch: int | None = None
     """Largest number of sequences decoded together; None: as many as the settings ask."""
     deterministic: bool = False
@@ -72,16 +84,84 @@ class EngineOptions:
     """Context per request; None: the model's, capped at :data:`DEFAULT_CONTEXT`."""
     execution_provider: str = "cpu"
     """'cpu', 'cuda', 'dml', ... (lower-case short names)."""
-    prompt_cache_bytes: int = 256 << 20
+    prompt_cache_bytes: int | None = None
+    """Host prompt cache; None: derived from the KV cache's size (:func:`plan_kv`)."""
     deterministic: bool = False
     """Deterministic mode (the backend's ``Capabilities.deterministic`` must be True)."""
     max_loras: int = 4
     """LoRA adapters kept loaded (engines with ``Capabilities.lora_adapters``)."""
+    kv_tokens: int | None = None
+    """Cells of the shared KV pool; None: derived (:func:`default_kv_tokens`)."""
+    kv_cache_type: str = "f16"
+    """One of :data:`KV_CACHE_TYPES`."""
+    memory_budget: int | None = None
+    """The model manager's memory budget (bytes), which bounds the default pool."""
+
+
+@dataclass(frozen=True)
+class KvPlan:
+    """How a model's KV cache is laid out, from its options and its geometry."""
+
+    pooled: bool
+    """One pool shared by all sequences (else one stream of ``n_ctx`` cells per slot)."""
+    n_ctx: int
+    """Longest request (prompt + completion)."""
+    kv_tokens: int
+    """Cells in the whole KV cache."""
+    bytes_per_token: int
+    """At the chosen cache type, all layers."""
+    prompt_cache_bytes: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_tokens * self.bytes_per_token
+
+
+def kv_bytes_per_token(f16_bytes: int, cache_type: str) -> int:
+    """A token's KV bytes at ``cache_type``, from its size at f16."""
+    if cache_type not in KV_CACHE_TYPES:
+        raise ModelLoadError(f"unknown KV cache type '{cache_type}' (one of {', '.join(KV_CACHE_TYPES)})")
+    return int(f16_bytes * KV_CACHE_TYPES[cache_type] / 2)
+
+
+def default_kv_tokens(n_ctx: int, bytes_per_token: int, memory_budget: int | None) -> int:
+    """The default pool: the model's context (so one request can use all of it), at least
+    :data:`KV_POOL_MIN` and at most :data:`KV_POOL_MAX` cells, and no more than
+    1/:data:`KV_POOL_MEMORY_SHARE` of the memory budget (not below 2048 cells); a multiple of 256."""
+    tokens = min(max(n_ctx, KV_POOL_MIN), KV_POOL_MAX)
+    if memory_budget and bytes_per_token > 0:
+        tokens = min(tokens, max(2048, memory_budget // KV_POOL_MEMORY_SHARE // bytes_per_token))
+    return max(256, tokens // 256 * 256)
+
+
+def plan_kv(options: EngineOptions, f16_bytes_per_token: int, n_ctx_train: int, *,
+            pooled: bool) -> KvPlan:
+    """The KV layout a load uses and the memory estimate counts (the same function for both).
+
+    Pooled: the pool has ``kv_tokens`` cells (default :func:`default_kv_tokens`) and a request may
+    use the model's context (``n_ctx``, default its training context) up to the whole pool.
+    Per-slot streams (deterministic mode): ``max_batch`` streams of ``n_ctx`` cells (default the
+    training context capped at :data:`DEFAULT_CONTEXT`). The host prompt cache defaults to none
+    with the pool (finished sequences stay in the pool's free cells: the pool is the prefix cache,
+    as in vLLM) and to 1/8 of the KV cache's bytes, at most 256 MiB, with per-slot streams."""
+    per_token = kv_bytes_per_token(f16_bytes_per_token, options.kv_cache_type)
+    if pooled:
+        ctx = options.n_ctx or n_ctx_train
+        tokens = options.kv_tokens or default_kv_tokens(ctx, per_token, options.memory_budget)
+        n_ctx = min(ctx, tokens)
+    else:
+        n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CONTEXT)
+        tokens = n_ctx * options.max_batch
+    cache = options.prompt_cache_bytes
+    if cache is None:
+        cache = 0 if pooled else min(256 << 20, tokens * per_token // 8)
+    return KvPlan(pooled, n_ctx, tokens, per_token, cache)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes a loaded model holds: weights, KV cache for every slot, host prompt cache."""
+    """Bytes a loaded model holds: weights, KV cache (the pool, or every slot's stream), host
+    prompt cache."""
 
     weights: int
     kv_cache: int
@@ -216,16 +296,19 @@ def _load_gguf(path: Path, options: EngineOptions) -> Engine:
         n_gpu_layers=0 if options.execution_provider == "cpu" else -1,
         prompt_cache_bytes=options.prompt_cache_bytes, deterministic=options.deterministic,
         max_loras=options.max_loras,
+        kv_tokens=options.kv_tokens, kv_cache_type=options.kv_cache_type,
+        memory_budget=options.memory_budget,
     ))
 
 
 def _estimate_gguf(path: Path, options: EngineOptions) -> MemoryEstimate:
-    from .llamacpp import kv_bytes_per_token
+    """Weights + the KV cache as the load lays it out (:func:`plan_kv`: the pool, not slots x
+    context) + the host prompt cache's bound."""
+    from .llamacpp import kv_geometry
 
-    per_token, n_ctx_train = kv_bytes_per_token(path)
-    n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CONTEXT)
-    return MemoryEstimate(size_on_disk(path), per_token * n_ctx * options.max_batch,
-                          options.prompt_cache_bytes)
+    per_token, n_ctx_train = kv_geometry(path)
+    plan = plan_kv(options, per_token, n_ctx_train, pooled=not options.deterministic)
+    return MemoryEstimate(size_on_disk(path), plan.kv_bytes, plan.prompt_cache_bytes)
 
 
 def _load_onnx(path: Path, options: EngineOptions) -> Engine:
@@ -263,7 +346,7 @@ LLAMA_CPP = Backend(
     model_type="GGUF",
     capabilities=Capabilities(
         sampling=frozenset(SAMPLING_FIELDS), logprobs=True, constraints=True, embeddings=True,
-        prefix_cache=True, deterministic=True, lora_adapters=True,
+        prefix_cache=True, deterministic=True, lora_adapters=True, kv_pool=True,
     ),
     providers=frozenset({"cpu", "cuda", "metal"}),
     recognise=_is_gguf,

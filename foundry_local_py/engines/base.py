@@ -112,6 +112,15 @@ class SequenceFailure:
     error: Exception
 
 
+@dataclass
+class SequenceEnd:
+    """A sequence the runner ended normally before the model did: ``length`` when the KV pool
+    has no cell left for it and nothing else can make room (the pool's overflow rule)."""
+
+    request_id: str
+    reason: Literal["length"] = "length"
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     engine: str
@@ -146,7 +155,7 @@ class BatchRunner(Protocol):
     def remove(self, request_id: str) -> None:
         """Drop a sequence (finished, cancelled or stopped by a stop string) and free its slot."""
 
-    def step(self) -> Sequence[TokenOutput | SequenceFailure]:
+    def step(self) -> Sequence[TokenOutput | SequenceFailure | SequenceEnd]:
         """Advance every active sequence by at most one token (prefill included)."""
 
     def close(self) -> None:
@@ -178,6 +187,26 @@ class ServesLora(Protocol):
 
     def expire_loras(self, idle_s: float) -> int:
         """Free adapters unused for ``idle_s`` seconds; returns how many were freed."""
+
+
+@runtime_checkable
+class AdmitsByKv(Protocol):
+    """A runner with a shared KV pool (optional): the scheduler admits a request only when its
+    prompt fits (:meth:`kv_need` <= :meth:`kv_room`); one larger than :meth:`kv_capacity` can
+    never run."""
+
+    def kv_capacity(self) -> int:
+        """Cells in the whole pool."""
+
+    def kv_need(self, prompt_tokens: Sequence[int], lora: LoraSet = ()) -> int:
+        """Cells the prompt would take now (its tokens less a prefix the pool holds under the
+        same adapter set)."""
+
+    def kv_room(self) -> int:
+        """Cells new requests may take now (0 while a preempted sequence waits to resume)."""
+
+    def kv_report(self) -> dict[str, Any]:
+        """Pool state for /v1/slots: capacity, cells used by running / idle sequences, ..."""
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,45 @@
 """llama.cpp engine (GGUF), on llama-cpp-python's low-level bindings.
 
 We drive ``llama_decode`` ourselves instead of using ``llama_cpp.Llama``: one context holds
-``max_batch`` sequences (one KV-cache stream each), and every :meth:`_LlamaRunner.step` builds a
-single batch with one decode token per generating sequence plus a chunk of prompt tokens of
-sequences still in prefill. That is continuous batching with chunked prefill, as llama.cpp's own
-``llama-server`` does it.
+``max_batch`` sequences, and every :meth:`_LlamaRunner.step` builds a single batch with one decode
+token per generating sequence plus a chunk of prompt tokens of sequences still in prefill. That is
+continuous batching with chunked prefill, as llama.cpp's own ``llama-server`` does it.
+
+The shared KV pool (the default): the context's KV cache is llama.cpp's unified cache, one pool
+of ``kv_tokens`` cells all sequences draw on (``n_ctx`` = the pool, ``n_seq_max`` = slots), as
+``llama-server --kv-unified`` and vLLM's block manager do: slots are only concurrency, and one
+request may use up to the model's context (``EngineInfo.n_ctx`` = min(context, pool)). The pool's
+cells are mirrored on the host (:class:`~.kv_pool.KvPool`: the C API does not report them).
+Admission: the scheduler starts a request only when its prompt (less a prefix the pool already
+holds) fits the room left after what running sequences still need (:meth:`_LlamaRunner.kv_room`,
+with a 1% watermark); a prompt larger than the pool is refused at validation. Overflow, one rule:
+when a step's tokens do not fit, idle slots' cached sequences are dropped (least recently used
+first); if that is not enough, the youngest running sequence is preempted (vLLM's recompute
+preemption): its cells are freed, it keeps its slot and its sampler (grammar, penalties, RNG), and
+it recomputes prompt + generated tokens as soon as room comes back, before any new request starts,
+so its stream continues without a gap in its text. A sequence alone in the pool that still
+cannot get a cell (only possible with a context larger than the pool) ends with
+``finish_reason: length``. ``llama_decode`` returning 1 (no cells) changes nothing in the cache:
+the batch's tokens are taken back and the same rule applies.
 
 Prefix caching: each slot remembers the tokens whose KV entries it holds (also after its request
-ended), and finished sequences are also kept in a host-memory :class:`PromptCache`. A new request
-starts from the longest prefix of its prompt found in its own slot (a chat's previous turn), in
-another slot (busy or idle) or in the host cache; state from elsewhere is copied into its slot
-(``llama_state_seq_get/set_data``), then cut to the shared prefix. A system prompt common to all
-requests is computed once, not once per slot.
+ended); in the pool, finished sequences also stay in its free cells under spare sequence ids
+until those cells are needed, and may also be copied to a host-memory :class:`PromptCache`
+(``prompt_cache_mib``; by default only with per-slot streams, 1/8 of the KV cache's bytes). A
+new request starts from the longest prefix of its prompt found in its own slot (a chat's previous
+turn), in another slot (busy or idle), in a kept sequence or in the host cache. In the pool a
+prefix held by another sequence is shared with ``llama_memory_seq_cp``: its cells get one more
+owner, nothing is copied and no memory is used; with per-slot streams, and from the host cache,
+the state is copied (``llama_state_seq_get/set_data``), then cut to the shared prefix. A system
+prompt common to all requests is computed once, not once per slot.
+
+What the pool gives up: attention over a shared cache computes a sequence's logits slightly
+differently depending on which cells its neighbours hold, so greedy tokens may change with load.
+Deterministic mode keeps one KV stream of ``n_ctx`` cells per slot instead (slots x context of
+memory) and with it the "same tokens alone or among 8" property.
+
+KV cache type (``kv_cache_type``): f16, q8_0 or q4_0 for both K and V (llama.cpp's -ctk/-ctv);
+a quantized V cache needs flash attention (on by default).
 
 Deterministic mode (``LlamaCppOptions.deterministic``): the same request gives the same tokens
 whatever else runs, is cached or arrived first. Measured on this build (ggml CPU, SmolLM2 Q4_1,
@@ -29,7 +57,7 @@ other slot, host cache) changes later greedy tokens. The mode prefills at most
 every cell is then computed on the same path, so a reused prefix is bit-identical to
 recomputing it and prefix reuse stays on in full. Sampling RNGs are per sequence, seeded from the
 request only (as in the default mode). GPU offload is refused in this mode (its kernels depend
-on the batch size; not verified).
+on the batch size; not verified). The mode uses per-slot KV streams (no shared pool).
 
 Sampling uses llama.cpp's sampler chains (one per sequence): logit bias, penalties, grammar
 (structured output), top-k, top-p, min-p, temperature, seeded dist / greedy.
@@ -54,7 +82,7 @@ import numpy as np
 from llama_cpp import llama_grammar
 
 from ..errors import ContextLengthExceededError, EngineError, InvalidRequestError, ModelLoadError
-from .backends import LLAMA_CPP
+from .backends import LLAMA_CPP, EngineOptions, KvPlan, plan_kv
 from .base import (
     ChatTemplateSpec,
     Constraint,
@@ -63,12 +91,14 @@ from .base import (
     LoraRef,
     LoraSet,
     SamplingParams,
+    SequenceEnd,
     SequenceFailure,
     TokenLogprobs,
     TokenOutput,
     TopCandidate,
     lora_key,
 )
+from .kv_pool import KvPool
 from .prompt_cache import PromptCache, as_tokens, common_prefix
 
 log = logging.getLogger(__name__)
@@ -81,6 +111,9 @@ _MIN_GAIN = 4  # prompt tokens a state copy must save to be worth it
 _MIN_CACHED = 8  # shorter sequences are not worth a place in the host prompt cache
 DET_CHUNK = 32
 """Deterministic mode: most prompt tokens of one sequence per ``llama_decode`` (under 64: one path)."""
+_MAX_SEQ = 256  # LLAMA_MAX_SEQ of this llama.cpp
+_GGML_KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+                  "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
 def _init_backend() -> None:
@@ -92,7 +125,7 @@ def _init_backend() -> None:
         llama_cpp.llama_backend_init()
 
 
-def kv_bytes_per_token(path: Path) -> tuple[int, int]:
+def kv_geometry(path: Path) -> tuple[int, int]:
     """(KV cache bytes one token takes in every layer at f16, training context) of a GGUF file,
     from its metadata, read by a vocab-only load (no weights are read)."""
     _init_backend()
@@ -102,22 +135,27 @@ def kv_bytes_per_token(path: Path) -> tuple[int, int]:
     if not model:
         raise ModelLoadError("the model file could not be loaded (corrupt, truncated or unsupported)")
     try:
-        arch = _meta(model, "general.architecture") or ""
-
-        def meta_int(key: str, default: int) -> int:
-            value = _meta(model, f"{arch}.{key}")
-            return int(value) if value and value.isdigit() else default
-
-        n_layer = meta_int("block_count", 0)
-        n_embd = meta_int("embedding_length", 0)
-        n_head = max(1, meta_int("attention.head_count", 1))
-        n_head_kv = meta_int("attention.head_count_kv", n_head)
-        k_len = meta_int("attention.key_length", n_embd // n_head)
-        v_len = meta_int("attention.value_length", n_embd // n_head)
-        n_ctx_train = meta_int("context_length", LLAMA_CPP.default_context)
-        return n_layer * n_head_kv * (k_len + v_len) * 2, n_ctx_train
+        return _model_kv_geometry(model)
     finally:
         llama_cpp.llama_model_free(model)
+
+
+def _model_kv_geometry(model: Any) -> tuple[int, int]:
+    """(f16 KV bytes per token, all layers; training context) from a loaded model's metadata."""
+    arch = _meta(model, "general.architecture") or ""
+
+    def meta_int(key: str, default: int) -> int:
+        value = _meta(model, f"{arch}.{key}")
+        return int(value) if value and value.isdigit() else default
+
+    n_layer = meta_int("block_count", 0)
+    n_embd = meta_int("embedding_length", 0)
+    n_head = max(1, meta_int("attention.head_count", 1))
+    n_head_kv = meta_int("attention.head_count_kv", n_head)
+    k_len = meta_int("attention.key_length", n_embd // n_head)
+    v_len = meta_int("attention.value_length", n_embd // n_head)
+    n_ctx_train = meta_int("context_length", LLAMA_CPP.default_context)
+    return n_layer * n_head_kv * (k_len + v_len) * 2, n_ctx_train
 
 
 def _meta(model: Any, key: str) -> str | None:
@@ -130,14 +168,23 @@ def _meta(model: Any, key: str) -> str | None:
 class LlamaCppOptions:
     n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     n_ctx: int | None = None
-    """Per-sequence context. None: the model's training context capped at the backend's default."""
+    """Longest request. None: the model's training context (capped by the pool; per-slot streams:
+    at the backend's default)."""
     max_batch: int = 4
     n_gpu_layers: int = 0
     flash_attn: bool = True
-    prompt_cache_bytes: int = 256 << 20
-    """Host memory for the KV state of finished sequences (0: slots only)."""
+    prompt_cache_bytes: int | None = None
+    """Host memory for the KV state of finished sequences (0: off; None: derived, see
+    :func:`~.backends.plan_kv`: none with the pool, 1/8 of the KV cache with per-slot streams)."""
     deterministic: bool = False
-    """Same tokens for the same request whatever else runs or is cached (see the module doc)."""
+    """Same tokens for the same request whatever else runs or is cached (see the module doc).
+    Uses one KV stream per slot instead of the shared pool."""
+    kv_tokens: int | None = None
+    """Cells of the shared KV pool (None: :func:`~.backends.default_kv_tokens`)."""
+    kv_cache_type: str = "f16"
+    """f16, q8_0 or q4_0 (llama.cpp's -ctk/-ctv; quantized V needs flash attention)."""
+    memory_budget: int | None = None
+    """Bounds the default pool (1/8 of it at most)."""
     max_loras: int = 4
     """LoRA adapters kept loaded when idle (least recently used ones are freed beyond it)."""
 
@@ -171,7 +218,8 @@ class LlamaCppEngine:
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
-        n_ctx = opts.n_ctx or min(n_ctx_train, LLAMA_CPP.default_context)
+        self.kv_plan = self._plan_kv(model, n_ctx_train)
+        n_ctx = self.kv_plan.n_ctx
         gpu = opts.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
         if gpu and opts.deterministic:
             llama_cpp.llama_model_free(model)
@@ -204,6 +252,27 @@ class LlamaCppEngine:
         """sha256 of the adapter file -> the loaded adapter, least recently used first."""
         self._orphans: list[_Lora] = []
         """Retired adapters still in use, replaced in ``_loras`` by a fresh copy."""
+        self._embed_n_ctx = 0
+
+    def _plan_kv(self, model: Any, n_ctx_train: int) -> KvPlan:
+        """The KV layout (the same :func:`plan_kv` as the memory estimate): the shared pool, or
+        per-slot streams in deterministic mode and for recurrent models (no cells to share)."""
+        opts = self.options
+        if opts.kv_cache_type != "f16" and not opts.flash_attn:
+            llama_cpp.llama_model_free(model)
+            raise ModelLoadError("a quantized KV cache needs flash attention")
+        f16_bytes, _ = _model_kv_geometry(model)
+        recurrent = llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        options = EngineOptions(n_threads=opts.n_threads, max_batch=opts.max_batch, n_ctx=opts.n_ctx,
+                                prompt_cache_bytes=opts.prompt_cache_bytes,
+                                deterministic=opts.deterministic, kv_tokens=opts.kv_tokens,
+                                kv_cache_type=opts.kv_cache_type, memory_budget=opts.memory_budget)
+        try:
+            return plan_kv(options, f16_bytes, n_ctx_train,
+                           pooled=not opts.deterministic and not recurrent)
+        except ModelLoadError:
+            llama_cpp.llama_model_free(model)
+            raise
 
     # --- metadata ---------------------------------------------------------------------------
 
@@ -289,13 +358,20 @@ class LlamaCppEngine:
         """Mean-pooled, L2-normalised embeddings from a second, embeddings-only context.
 
         The context is created on first use and shares the model's weights; calls are serialised
-        (it holds one sequence), and run beside the decode loop rather than inside it.
+        (it holds one sequence), and run beside the decode loop rather than inside it. It is
+        sized for the longest input seen so far (a power of two, at least 512 tokens), not the
+        model's context: it costs nothing until used, and little for short inputs.
         """
-        n_ctx = self.info.n_ctx
-        if any(len(toks) > n_ctx for toks in inputs):  # the caller validated them
+        longest = max((len(toks) for toks in inputs), default=1)
+        if longest > self.info.n_ctx:  # the caller validated them
             raise EngineError("an embedding input is longer than the context")
+        n_ctx = min(self.info.n_ctx, max(512, 1 << (longest - 1).bit_length()))
         with self._embed_lock:
+            if self._embed_ctx is not None and self._embed_n_ctx < longest:
+                llama_cpp.llama_free(self._embed_ctx)
+                self._embed_ctx = None
             if self._embed_ctx is None:
+                self._embed_n_ctx = n_ctx
                 cparams = llama_cpp.llama_context_default_params()
                 cparams.n_ctx = n_ctx
                 cparams.n_batch = n_ctx
@@ -312,7 +388,7 @@ class LlamaCppEngine:
                 self._embed_ctx = ctx
             ctx = self._embed_ctx
             mem = llama_cpp.llama_get_memory(ctx)
-            batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+            batch = llama_cpp.llama_batch_init(longest, 0, 1)
             out: list[list[float]] = []
             try:
                 for toks in inputs:
@@ -502,16 +578,12 @@ class _LlamaRunner:
         self.n_ctx_seq = engine.info.n_ctx
         self._chunk = DET_CHUNK if opts.deterministic else N_BATCH
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx_seq * self.max_batch
+        self._configure_kv(cparams)
         cparams.n_batch = N_BATCH
         cparams.n_ubatch = N_BATCH
-        cparams.n_seq_max = self.max_batch
+        cparams.n_seq_max = self.max_batch + self._n_kept
         cparams.n_threads = opts.n_threads
         cparams.n_threads_batch = opts.n_threads
-        # One KV stream per sequence. A unified cache would share prefix cells for free, but
-        # attention over a shared stream computes a sequence's logits differently depending on
-        # its neighbours in the batch: outputs would change with load (greedy included).
-        cparams.kv_unified = False
         cparams.no_perf = True
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -536,13 +608,14 @@ class _LlamaRunner:
         # Sliding-window caches forget old positions: a saved state may lack the window before
         # the shared prefix's end, so such models reuse only their own slot's cache.
         self._share = self._share and not self._n_swa
-        self._cache = (PromptCache(opts.prompt_cache_bytes)
-                       if self._share and opts.prompt_cache_bytes > 0 else None)
+        cache_bytes = engine.kv_plan.prompt_cache_bytes
+        self._cache = PromptCache(cache_bytes) if self._share and cache_bytes > 0 else None
         self._ctx_lora: tuple[tuple[str, float], ...] = ()
         """The adapter set on the context now (``llama_set_adapters_lora`` is called on a change)."""
         self._ctx_ptrs: list[Any] = []
         """Those adapters' handles (a re-loaded adapter has the same key but another handle)."""
         self._steps = 0
+        self._init_pool()
 
     # --- protocol -----------------------------------------------------------------------
 
@@ -550,7 +623,10 @@ class _LlamaRunner:
         """Tokens in the KV streams of running sequences / the context's cells (n_ctx x slots).
 
         An idle slot's cells (its last sequence, kept for prefix reuse) count as free: the next
-        request that takes the slot overwrites them, as vLLM counts evictable cached blocks."""
+        request that takes the slot overwrites them, as vLLM counts evictable cached blocks.
+        With the shared pool: cells held by running sequences (shared cells once) / the pool."""
+        if self._pool is not None:
+            return self._pool.held_by(s.seq_id for s in self._by_request.values()) / self._pool.n_cells
         used = sum(len(s.cached) for s in self._by_request.values())
         return used / (self.n_ctx_seq * self.max_batch)
 
@@ -582,6 +658,7 @@ class _LlamaRunner:
                        and sp.repeat_penalty == 1.0 and not sp.frequency_penalty and not sp.presence_penalty)
         slot.top_logprobs = sp.top_logprobs
         self._by_request[request.request_id] = slot
+        self._admitted(slot)
         return keep
 
     def remove(self, request_id: str) -> None:
@@ -593,16 +670,20 @@ class _LlamaRunner:
         slot.sampler = None
         slot.request_id = None
         slot.pending = None
+        self._parked.pop(slot.seq_id, None)
+        self._held = False
+        self._keep_finished(slot)
         if self._cache is not None and len(slot.cached) >= _MIN_CACHED:
             self._cache.put(slot.cached, lambda: self._state_of(slot), slot.lora_key)
         self._release_lora(slot)
         self._tick += 1
         slot.last_used = self._tick
 
-    def step(self) -> list[TokenOutput | SequenceFailure]:
+    def step(self) -> list[TokenOutput | SequenceFailure | SequenceEnd]:
         batch = self._batch
         batch.n_tokens = 0
-        outputs: list[TokenOutput | SequenceFailure] = []
+        outputs: list[TokenOutput | SequenceFailure | SequenceEnd] = []
+        outputs += self._fit_step()
         logit_rows: list[tuple[_Slot, int]] = []  # (slot, batch index with logits)
         in_batch: list[_Slot] = []
         group = self._pick_lora_group()  # one adapter set per llama_decode
@@ -620,6 +701,7 @@ class _LlamaRunner:
         budget = N_BATCH - batch.n_tokens
         if decoding:
             budget = min(budget, PREFILL_CHUNK)
+        budget = min(budget, self._prefill_room())
         while True:
             for slot in self._slots:
                 if budget <= 0:
@@ -639,6 +721,9 @@ class _LlamaRunner:
                 return outputs
             self._use_lora(in_batch)
             rc = llama_cpp.llama_decode(self._ctx, batch)
+            if rc == 1 and self._pool is not None:
+                outputs += self._no_kv_slot()
+                return outputs
             if rc != 0:
                 log.error("llama_decode returned %d", rc)
                 # Roll back what this batch added and fail the sequences that were in it.
@@ -669,6 +754,8 @@ class _LlamaRunner:
     # --- helpers ------------------------------------------------------------------------
 
     def _push(self, slot: _Slot, token: int, logits: bool) -> int:
+        if self._pool is not None:
+            self._pool.append(slot.seq_id)
         b = self._batch
         i = b.n_tokens
         b.token[i] = token
@@ -718,11 +805,15 @@ class _LlamaRunner:
 
     def _reset_slot_cache(self, slot: _Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        if self._pool is not None:
+            self._pool.truncate(slot.seq_id, 0)
         slot.cached = []
 
     def _reuse_prefix(self, slot: _Slot, prompt: list[int], want: np.ndarray, shared: dict[int, int]) -> int:
         """Make ``slot``'s cache hold the longest cached prefix of ``prompt`` (``want`` as an
         array; ``shared`` as computed by :meth:`add`); returns its length."""
+        if self._pool is not None:
+            return self._reuse_in_pool(slot, prompt, want, shared)
         limit = len(prompt) - 1
         keep = shared[slot.seq_id]
         if keep > 0 and self._n_swa:
@@ -756,6 +847,299 @@ class _LlamaRunner:
             keep = 0
         if keep == 0:
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.cached = list(prompt[:keep])
+        return keep
+
+    # --- the shared KV pool (module doc: "The shared KV pool") -----------------------------
+
+    def _configure_kv(self, cparams: Any) -> None:
+        """One pool of ``kv_tokens`` cells shared by every sequence (llama.cpp's unified cache),
+        or, in deterministic mode, one stream of ``n_ctx`` cells per slot: attention over a
+        shared stream computes a sequence's logits differently depending on its neighbours in
+        the batch, so outputs would change with load (greedy included)."""
+        plan = self.engine.kv_plan
+        model = self.engine.model_ptr
+        # Finished sequences stay in the pool's free cells under spare sequence ids (no copy, no
+        # memory: the pool is allocated anyway) until their cells are needed: vLLM's cached
+        # blocks. Not for sliding-window models (their cells expire) or without a pool.
+        shareable = plan.pooled and not llama_cpp.llama_model_n_swa(model) > 0
+        self._n_kept = min(3 * self.max_batch, _MAX_SEQ - self.max_batch) if shareable else 0
+        cparams.n_ctx = plan.kv_tokens
+        cparams.kv_unified = plan.pooled
+        cparams.type_k = cparams.type_v = _GGML_KV_TYPES[self.engine.options.kv_cache_type]
+
+    def _init_pool(self) -> None:
+        plan = self.engine.kv_plan
+        self._pool = KvPool(plan.kv_tokens) if plan.pooled else None
+        self._parked: dict[int, list[int]] = {}
+        """Preempted sequences (seq id -> tokens to recompute: prompt + generated)."""
+        self._age: dict[int, int] = {}
+        self._admissions = 0
+        self._kept: dict[int, list[int]] = {}
+        """Finished sequences kept in the pool (seq id -> tokens), least recently used first."""
+        self._kept_lora: dict[int, tuple[tuple[str, float], ...]] = {}
+        """The adapter set each kept sequence's KV was computed under (reused only under it)."""
+        self._spare = list(range(self.max_batch + self._n_kept - 1, self.max_batch - 1, -1))
+        self._held = False
+        """llama_decode found fewer cells than the mirror: no resuming until a sequence ends."""
+        self.preemptions = 0
+
+    def _admitted(self, slot: _Slot) -> None:
+        self._admissions += 1
+        self._age[slot.seq_id] = self._admissions
+
+    def kv_capacity(self) -> int:
+        return self._pool.n_cells if self._pool is not None else self.n_ctx_seq
+
+    def kv_need(self, prompt_tokens: Sequence[int], lora: LoraSet = ()) -> int:
+        if self._pool is None or not prompt_tokens:
+            return 0
+        want = as_tokens(prompt_tokens)
+        limit = len(prompt_tokens) - 1
+        key = lora_key(lora)
+        held = [s.cached for s in self._slots if (self._share or s.request_id is None) and s.lora_key == key]
+        kept = [t for sid, t in self._kept.items() if self._kept_lora.get(sid, ()) == key]
+        shared = max((min(common_prefix(as_tokens(t), want), limit) for t in [*held, *kept]), default=0)
+        return len(prompt_tokens) - shared
+
+    def kv_room(self) -> int:
+        if self._pool is None:
+            return 1 << 30
+        if self._parked:  # a preempted sequence resumes before anything new starts
+            return 0
+        return self._room(watermark=bool(self._by_request))
+
+    def kv_report(self) -> dict[str, Any]:
+        if self._pool is None:
+            return {"pooled": False, "capacity_tokens": self.n_ctx_seq * self.max_batch,
+                    "cache_type": self.engine.options.kv_cache_type}
+        running = [s.seq_id for s in self._by_request.values()]
+        return {"pooled": True, "capacity_tokens": self._pool.n_cells,
+                "used_tokens": self._pool.held_by(running),
+                "cached_tokens": self._pool.used, "free_tokens": self._pool.free,
+                "kept_sequences": len(self._kept),
+                "cache_type": self.engine.options.kv_cache_type,
+                "preempted": len(self._parked), "preemptions": self.preemptions}
+
+    def _running(self) -> list[_Slot]:
+        return [s for s in self._by_request.values() if s.seq_id not in self._parked]
+
+    def _room(self, *, watermark: bool) -> int:
+        """Cells free or held only by idle slots, less what running sequences still need: the
+        rest of their prompts, one cell each for the next step and (``watermark``) 1% of the
+        pool, so a new sequence does not get preempted at once (vLLM's watermark)."""
+        assert self._pool is not None
+        running = self._running()
+        idle = self._evictable()
+        owed = sum(max(0, len(s.prompt) - len(s.cached)) for s in running) + len(running)
+        reserve = self._pool.n_cells // 100 if watermark else 0
+        return self._pool.free + self._pool.exclusive_to(idle) - owed - reserve
+
+    def _prefill_room(self) -> int:
+        return self._pool.free if self._pool is not None else N_BATCH
+
+    def _fit_step(self) -> list[SequenceEnd]:
+        """Make room for this step's tokens, by the pool's one overflow rule: evict idle slots'
+        cached prefixes (least recently used first), then preempt the youngest running sequence
+        (vLLM's recompute preemption); a sequence left alone without room ends with ``length``."""
+        if self._pool is None:
+            return []
+        self._resume_parked()
+        ended: list[SequenceEnd] = []
+        while True:
+            running = self._running()
+            decoding = sum(1 for s in running if s.pending is not None)
+            chunks = [min(len(s.prompt) - len(s.cached), self._chunk)
+                      for s in sorted(running, key=lambda s: self._age[s.seq_id]) if s.prefilling]
+            budget = N_BATCH - decoding if not decoding else min(N_BATCH - decoding, PREFILL_CHUNK)
+            must = decoding + min(chunks[0] if chunks else 0, budget)
+            wish = decoding + min(sum(chunks), budget)
+            if wish > self._pool.free:
+                self._evict_idle(wish - self._pool.free)
+            if must <= self._pool.free:
+                return ended
+            if len(running) > 1:
+                self._preempt(max(running, key=lambda s: self._age[s.seq_id]))
+                continue
+            for slot in running:  # alone and still no room (requests are validated against the pool)
+                log.warning("the KV pool is full; request %s ends with finish_reason 'length'",
+                            slot.request_id)
+                ended.append(SequenceEnd(slot.request_id or ""))
+                slot.pending = None
+                slot.prompt = list(slot.cached)
+            return ended
+
+    def _evictable(self) -> list[int]:
+        """Sequence ids whose cells no running sequence needs: kept ones, then idle slots."""
+        return [*self._kept, *(s.seq_id for s in self._slots if s.request_id is None and s.cached)]
+
+    def _keep_finished(self, slot: _Slot) -> None:
+        """Keep a finished sequence's cells in the pool under a spare id (``llama_memory_seq_cp``:
+        its cells get one more owner), so a later prompt can start from it after the slot moved
+        on; an entry it extends is dropped, and the least recently used one makes room."""
+        if self._pool is None or not self._n_kept or len(slot.cached) < _MIN_CACHED:
+            return
+        tokens = slot.cached
+        arr = as_tokens(tokens)
+        for sid, kept in list(self._kept.items()):
+            if self._kept_lora.get(sid, ()) != slot.lora_key:
+                continue
+            n = common_prefix(as_tokens(kept), arr)
+            if n == len(tokens):  # already kept
+                self._kept[sid] = self._kept.pop(sid)
+                return
+            if n == len(kept):  # the new one extends it
+                self._drop_kept(sid)
+        if not self._spare:
+            self._drop_kept(next(iter(self._kept)))
+        sid = self._spare.pop()
+        llama_cpp.llama_memory_seq_cp(self._mem, slot.seq_id, sid, 0, len(tokens))
+        self._pool.share(slot.seq_id, sid, len(tokens))
+        self._kept[sid] = list(tokens)
+        self._kept_lora[sid] = slot.lora_key
+
+    def _drop_kept(self, sid: int) -> int:
+        assert self._pool is not None
+        del self._kept[sid]
+        self._kept_lora.pop(sid, None)
+        llama_cpp.llama_memory_seq_rm(self._mem, sid, -1, -1)
+        self._spare.append(sid)
+        return self._pool.truncate(sid, 0)
+
+    def _evict_idle(self, cells: int) -> None:
+        """Drop kept sequences, then idle slots' cached sequences, least recently used first,
+        until ``cells`` are freed."""
+        assert self._pool is not None
+        freed = 0
+        for sid in list(self._kept):
+            if freed >= cells:
+                return
+            freed += self._drop_kept(sid)
+        for slot in sorted((s for s in self._slots if s.request_id is None and s.cached),
+                           key=lambda s: s.last_used):
+            if freed >= cells:
+                return
+            freed += self._drop_cells(slot, 0)
+
+    def _drop_cells(self, slot: _Slot, keep: int) -> int:
+        """``slot`` keeps its first ``keep`` cached tokens; returns the pool cells freed."""
+        assert self._pool is not None
+        if keep < len(slot.cached) or self._pool.length(slot.seq_id) > keep:
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep if keep > 0 else -1, -1)
+        del slot.cached[keep:]
+        return self._pool.truncate(slot.seq_id, keep)
+
+    def _preempt(self, slot: _Slot) -> None:
+        """Free ``slot``'s cells; it keeps its slot and sampler (grammar, penalties and RNG state
+        included) and recomputes its prompt and generated tokens when room comes back, so its
+        stream continues as if nothing happened."""
+        if slot.prefilling:
+            tokens = list(slot.prompt)
+        else:
+            tokens = slot.cached + ([slot.pending] if slot.pending is not None else [])
+        log.info("KV pool full: preempting request %s (%d tokens to recompute)", slot.request_id, len(tokens))
+        self._drop_cells(slot, 0)
+        slot.prompt = []
+        slot.pending = None
+        self._parked[slot.seq_id] = tokens
+        self.preemptions += 1
+
+    def _resume_parked(self) -> None:
+        """Preempted sequences resume, oldest first, as soon as their tokens fit."""
+        assert self._pool is not None
+        if self._held:
+            return
+        for seq_id in sorted(self._parked, key=lambda k: self._age[k]):
+            tokens = self._parked[seq_id]
+            if self.kv_need(tokens, self._slots[seq_id].lora) > self._room(watermark=bool(self._running())):
+                return
+            slot = self._slots[seq_id]
+            del self._parked[seq_id]
+            want = as_tokens(tokens)
+            shared = {s.seq_id: min(common_prefix(as_tokens(s.cached), want), len(tokens) - 1)
+                      if s.lora_key == slot.lora_key else 0 for s in self._slots}
+            slot.prompt = tokens
+            self._reuse_in_pool(slot, tokens, want, shared)
+
+    def _no_kv_slot(self) -> list[SequenceEnd]:
+        """``llama_decode`` found no cells for the batch (1): it changed nothing, so take the
+        batch's tokens back out of the bookkeeping and apply the overflow rule."""
+        assert self._pool is not None
+        log.warning("llama_decode found no KV cells for a batch of %d tokens", self._batch.n_tokens)
+        counts: dict[int, int] = {}
+        for i in range(self._batch.n_tokens):
+            seq = self._batch.seq_id[i][0]
+            counts[seq] = counts.get(seq, 0) + 1
+        for seq, n in counts.items():
+            slot = self._slots[seq]
+            keep = len(slot.cached) - n
+            undone = slot.cached[keep]
+            del slot.cached[keep:]
+            self._pool.truncate(seq, keep)
+            if keep >= len(slot.prompt):  # it was decoding: its sampled token goes again
+                slot.pending = undone
+        if self._evictable():  # the rule's first resort: cached sequences no one runs
+            self._evict_idle(self._pool.n_cells)
+            return []
+        self._held = True
+        running = self._running()
+        if len(running) > 1:
+            self._preempt(max(running, key=lambda s: self._age[s.seq_id]))
+            return []
+        ended = [SequenceEnd(s.request_id or "") for s in running]
+        for slot in running:
+            slot.pending = None
+            slot.prompt = list(slot.cached)
+        return ended
+
+    def _reuse_in_pool(self, slot: _Slot, prompt: list[int], want: np.ndarray, shared: dict[int, int]) -> int:
+        """:meth:`_reuse_prefix` with the shared pool: a prefix held by another sequence (busy
+        or idle) is shared with ``llama_memory_seq_cp`` (its cells get one more owner, nothing
+        is copied); the host cache is read only when it holds more of the prompt."""
+        assert self._pool is not None
+        limit = len(prompt) - 1
+        keep = shared[slot.seq_id]
+        if keep > 0 and self._n_swa:
+            pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, slot.seq_id)
+            if pos_min > max(0, keep - self._n_swa):
+                keep = 0
+        donor: int | None = None
+        if self._share:
+            for other in self._slots:
+                n = shared[other.seq_id]
+                if other is not slot and n > keep and self._pool.length(other.seq_id) >= n:
+                    donor, keep = other.seq_id, n
+            for sid, kept in self._kept.items():
+                if self._kept_lora.get(sid, ()) != slot.lora_key:
+                    continue  # KV computed under another adapter set
+                n = min(common_prefix(as_tokens(kept), want), limit)
+                if n > keep:
+                    donor, keep = sid, n
+            if donor in self._kept:
+                self._kept[donor] = self._kept.pop(donor)  # recently used
+        found = (self._cache.lookup(want, keep + _MIN_GAIN - 1, slot.lora_key)
+                 if self._share and self._cache is not None else None)
+        if found is not None:
+            entry, n = found
+            self._drop_cells(slot, 0)
+            if self._pool.free + self._pool.exclusive_to(self._evictable()) >= len(entry.tokens):
+                self._evict_idle(len(entry.tokens) - self._pool.free)
+                buf = (ctypes.c_uint8 * len(entry.state)).from_buffer_copy(entry.state)
+                if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(entry.state), slot.seq_id):
+                    self._pool.append(slot.seq_id, len(entry.tokens))
+                    slot.cached = [int(t) for t in entry.tokens]
+                    keep = min(n, limit)
+                    self._drop_cells(slot, keep)
+                    slot.cached = list(prompt[:keep])
+                    return keep
+                log.warning("restoring a cached prompt state failed; computing the prompt")
+            donor, keep = None, 0
+        if donor is not None:
+            self._drop_cells(slot, 0)
+            llama_cpp.llama_memory_seq_cp(self._mem, donor, slot.seq_id, 0, keep)
+            self._pool.share(donor, slot.seq_id, keep)
+        else:
+            self._drop_cells(slot, keep)
         slot.cached = list(prompt[:keep])
         return keep
 

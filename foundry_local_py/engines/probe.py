@@ -317,7 +317,7 @@ def _child(fmt: str, path: Path) -> None:
     from .backends import EngineOptions, load_engine
     from .base import GenerationRequest, SamplingParams
 
-    engine = load_engine(fmt, path, EngineOptions(n_threads=1, max_batch=1, n_ctx=128))
+    engine = load_engine(fmt, path, EngineOptions(n_threads=1, max_batch=1, n_ctx=128, kv_tokens=256))
     try:
         tokens = engine.tokenize("Hello", add_special=True) or [0]
         runner = engine.create_runner()

@@ -88,6 +88,11 @@ class OutputProcessor:
         hold = self._stop_prefix_len() if self.stop else 0
         return self._emit(len(self._pending) - hold)
 
+    def end(self, reason: FinishReason) -> Delta | None:
+        """The runner ended the sequence (``length``: no KV room left): the rest of the text."""
+        self.finish_reason = reason
+        return self._flush(final=True)
+
     def _find_stop(self) -> int | None:
         """Where the first stop string starts in the pending text (the text ends there: the
         string is remembered as ``stop_sequence``)."""

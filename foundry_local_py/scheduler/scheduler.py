@@ -9,6 +9,12 @@ without touching them.
 Prefix caching lives in the engine: ``runner.add`` says how many prompt tokens it found cached, which
 the scheduler reports (``on_admit``, usage's ``cached_tokens``, :meth:`Scheduler.slots`).
 
+Admission by KV capacity: with a runner that has a shared KV pool (:class:`AdmitsByKv`), the
+request at the head of the queue starts only when its prompt fits the pool's room (first come,
+first served: the ones behind it wait too); one larger than the whole pool fails at once (400;
+validation keeps them out). What happens when running sequences outgrow the pool is the runner's
+one overflow rule (engines/llamacpp.py: preempt the youngest, recompute it later).
+
 Back-pressure: a full waiting queue refuses with 429; a request waiting longer than
 ``queue_timeout_s`` fails with 503. A cancelled request (client gone) leaves the runner at the next
 step, which frees its slot within one token's time (prefill is chunked by the engine).
@@ -24,10 +30,19 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from ..engines.base import BatchRunner, Engine, GenerationRequest, ReportsKvUsage, SequenceFailure
+from ..engines.base import (
+    AdmitsByKv,
+    BatchRunner,
+    Engine,
+    GenerationRequest,
+    ReportsKvUsage,
+    SequenceEnd,
+    SequenceFailure,
+)
 from ..errors import (
+    ContextLengthExceededError,
     EngineError,
     FoundryError,
     QueueTimeoutError,
@@ -82,6 +97,8 @@ class SchedulerStats:
     kv_usage: float = 0.0
     """KV cache held by running sequences / capacity, as of the last step (0 when the runner
     does not report it)."""
+    kv_tokens: int = 0
+    """The KV cache's capacity in tokens (the shared pool's cells; 0 when not reported)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,8 @@ class SlotsSnapshot:
     running: list[SlotState]
     waiting: list[tuple[str, float]]
     """(request id, seconds waited so far), oldest first."""
+    kv: dict[str, Any] = field(default_factory=dict)
+    """The KV pool's state as of the last step (capacity, used and cached tokens, ...)."""
 
 
 class RequestHandle:
@@ -190,6 +209,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._last_activity = time.monotonic()
         self._kv_usage = 0.0
+        self._kv_report: dict[str, Any] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -243,6 +263,7 @@ class Scheduler:
                 completed=self._completed,
                 cancelled=self._cancelled,
                 kv_usage=self._kv_usage,
+                kv_tokens=int(self._kv_report.get("capacity_tokens") or 0),
             )
 
     def lora_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -261,7 +282,8 @@ class Scheduler:
                 for rid, seq in self._active.items()
             ]
             waiting = [(h.request_id, now - h.submitted_at) for h in self._waiting]
-            return SlotsSnapshot(self._max_batch, sorted(running, key=lambda s: s.slot), waiting)
+            return SlotsSnapshot(self._max_batch, sorted(running, key=lambda s: s.slot), waiting,
+                                 dict(self._kv_report))
 
     # --- admission (event-loop side) ------------------------------------------------------
 
@@ -306,24 +328,44 @@ class Scheduler:
 
     def _loop(self, runner: BatchRunner) -> None:
         kv_reader = runner if isinstance(runner, ReportsKvUsage) else None
+        pool = runner if isinstance(runner, AdmitsByKv) else None
         while True:
             admitted: list[RequestHandle] = []
+            too_big: list[RequestHandle] = []
             kv_usage = _kv_usage(kv_reader)
+            kv_report = _kv_report(pool)
             with self._cond:
                 self._kv_usage = kv_usage
+                self._kv_report = kv_report
                 self._expire_waiting()
                 while not self._active and not self._waiting:
                     if self._stopping:
                         return
                     self._cond.wait(timeout=1.0)
                     self._expire_waiting()
+                room = pool.kv_room() if pool is not None and self._waiting else 0
                 while self._waiting and len(self._active) + len(admitted) < runner.max_batch:
-                    handle = self._waiting.popleft()
+                    handle = self._waiting[0]
                     if handle.cancelled:
+                        self._waiting.popleft()
                         self._cancelled += 1
                         continue
-                    admitted.append(handle)
+                    if pool is not None:
+                        need = pool.kv_need(handle.request.prompt_tokens, handle.request.lora)
+                        if need > pool.kv_capacity():
+                            too_big.append(self._waiting.popleft())
+                            continue
+                        if need > room:
+                            break  # first come, first served: it waits for room, and so do the rest
+                        room -= need
+                    admitted.append(self._waiting.popleft())
+                if not admitted and not self._active and self._waiting:
+                    self._cond.wait(timeout=0.01)  # nothing to step: do not spin
                 self._last_activity = time.monotonic()
+            for handle in too_big:
+                self._send(handle, ErrorEvent(ContextLengthExceededError(
+                    f"the prompt ({len(handle.request.prompt_tokens)} tokens) is larger than the "
+                    f"model's KV cache ({pool.kv_capacity() if pool else 0} tokens)"), time.monotonic()))
             for handle in admitted:
                 self._admit(runner, handle)
             self._drop_cancelled(runner)
@@ -379,6 +421,13 @@ class Scheduler:
                 )
                 self._finish(runner, out.request_id)
                 batch.append((seq.handle, ErrorEvent(err, now)))
+                continue
+            if isinstance(out, SequenceEnd):
+                rest = seq.processor.end(out.reason)
+                if rest is not None:
+                    batch.append((seq.handle, TextEvent(rest.text, rest.n_tokens, now, rest.logprobs)))
+                self._finish(runner, out.request_id)
+                batch.append((seq.handle, seq.finish_event(out.reason, now)))
                 continue
             delta: Delta | None = seq.processor.feed(out)
             if delta is not None:
@@ -443,6 +492,16 @@ def _kv_usage(runner: ReportsKvUsage | None) -> float:
     except Exception:
         log.exception("reading the KV cache usage failed")
         return 0.0
+
+
+def _kv_report(runner: AdmitsByKv | None) -> dict[str, Any]:
+    if runner is None:
+        return {}
+    try:
+        return dict(runner.kv_report())
+    except Exception:
+        log.exception("reading the KV pool's state failed")
+        return {}
 
 
 def _deliver(items: list[tuple[RequestHandle, StreamEvent]]) -> None:

@@ -54,6 +54,8 @@ class ModelState:
     lora_waiting: tuple[str, ...] = ()
     max_lora: int = 0
     """Adapters kept loaded at most (``max_loras``; 0: the model's engine serves none)."""
+    kv_tokens: int = 0
+    """The KV cache's capacity in tokens (the shared pool's cells)."""
 
 
 class _Registry(CollectorRegistry):
@@ -94,7 +96,13 @@ class _StateCollector(Collector):
         )
         kv = GaugeMetricFamily(
             f"{PREFIX}_kv_cache_usage_ratio",
-            "KV cache used by running requests: tokens held / capacity (0 to 1).",
+            "KV cache used by running requests: cells they hold (shared prefix cells once) / the "
+            "cells of the model's KV pool (0 to 1).",
+            labels=["model"],
+        )
+        kv_tokens = GaugeMetricFamily(
+            f"{PREFIX}_kv_cache_tokens",
+            "Capacity of the model's KV cache in tokens (the shared pool all slots draw on).",
             labels=["model"],
         )
         loaded = GaugeMetricFamily(
@@ -116,6 +124,7 @@ class _StateCollector(Collector):
             capacity.add_metric([s.model], s.max_queue)
             slots.add_metric([s.model], s.slots)
             kv.add_metric([s.model], s.kv_usage)
+            kv_tokens.add_metric([s.model], s.kv_tokens)
             loaded.add_metric([s.model, s.engine, s.device], 1)
             loras.add_metric([s.model], s.lora_loaded)
             lora_info.add_metric([s.model, ",".join(s.lora_running), ",".join(s.lora_waiting),
@@ -125,6 +134,7 @@ class _StateCollector(Collector):
         yield capacity
         yield slots
         yield kv
+        yield kv_tokens
         yield loaded
         yield loras
         yield lora_info

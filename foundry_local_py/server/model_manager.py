@@ -8,10 +8,12 @@ Concurrent requests for a model that is loading wait for the same load.
 Capacity (``max_loaded_models`` and the memory budget) is decided by one owner, as Ollama's
 scheduler does: every decision to admit a load or evict a model happens under one lock, and a load
 in progress holds a *reservation* counted like a loaded model, so two concurrent loads cannot both
-pass the check. A model's memory is its backend's estimate: weights + the KV cache of every slot +
-the host prompt cache. When a load does not fit, the least recently used idle model is unloaded;
-when every loaded model is busy, the load waits (up to ``queue_timeout_s``, then 503) for one to go
-idle. A lone model that exceeds the budget by itself still loads (there is nothing to evict).
+pass the check. A model's memory is its backend's estimate: weights + the KV cache (llama.cpp: the
+shared pool of ``kv_tokens`` at the cache type's bytes per token; per-slot streams: slots x
+context) + the host prompt cache's bound. When a load does not fit, the least recently used idle
+model is unloaded; when every loaded model is busy, the load waits (up to ``queue_timeout_s``,
+then 503) for one to go idle. A lone model that exceeds the budget by itself still loads (there
+is nothing to evict).
 
 Models idle longer than their TTL are unloaded by a reaper task that survives any exception
 (logged and counted in ``foundry_local_internal_errors_total``); the same task frees LoRA
@@ -198,7 +200,7 @@ class ModelManager:
             yield ModelState(lm.alias, lm.engine.info.engine, lm.engine.info.device, stats.running,
                              stats.waiting, lm.scheduler.max_queue, stats.max_batch, stats.kv_usage,
                              len(lm.loaded_adapters()), running, waiting,
-                             self.settings.max_loras if lora else 0)
+                             self.settings.max_loras if lora else 0, stats.kv_tokens)
 
     def memory_budget(self) -> int:
         return self.settings.memory_budget_bytes or int(psutil.virtual_memory().total * 0.75)
@@ -324,12 +326,20 @@ class ModelManager:
 
     def _options(self, model: CatalogModel, variant: Variant, engine_ep: str) -> EngineOptions:
         s = self.settings
-        n_ctx = s.n_ctx or min(variant.context_length or model.context_length,
-                               backend_for(variant.format).default_context)
-        return EngineOptions(n_threads=s.n_threads, max_batch=s.parallel or auto_parallel(n_ctx),
+        backend = backend_for(variant.format)
+        pooled = backend.capabilities.kv_pool and not s.deterministic
+        model_ctx = variant.context_length or model.context_length
+        # A shared pool: a request may use the model's context (the engine caps it by the pool);
+        # per-slot streams: each slot holds n_ctx, so the default stays small.
+        n_ctx = s.n_ctx or (model_ctx if pooled else min(model_ctx, backend.default_context))
+        cache = None if s.prompt_cache_mib is None else s.prompt_cache_mib << 20
+        return EngineOptions(n_threads=s.n_threads,
+                             max_batch=s.parallel or auto_parallel(None if pooled else n_ctx),
                              n_ctx=n_ctx, execution_provider=engine_ep,
-                             prompt_cache_bytes=s.prompt_cache_mib << 20,
-                             deterministic=s.deterministic, max_loras=s.max_loras)
+                             prompt_cache_bytes=cache,
+                             deterministic=s.deterministic, kv_tokens=s.kv_tokens,
+                             kv_cache_type=s.kv_cache_type, memory_budget=self.memory_budget(),
+                             max_loras=s.max_loras)
 
     async def _load_new(
         self, model: CatalogModel, choice: VariantChoice, ttl: float | None, *, allow_fallback: bool,
@@ -518,5 +528,5 @@ def _estimate(variant: Variant, path: Path, options: EngineOptions) -> MemoryEst
         return backend_for(variant.format).estimate_memory(path, options)
     except Exception as exc:
         log.debug("memory estimate for %s failed (%s); using its size on disk", variant.id, exc)
-        return MemoryEstimate(size_on_disk(path), 0, options.prompt_cache_bytes)
+        return MemoryEstimate(size_on_disk(path), 0, options.prompt_cache_bytes or 0)
 

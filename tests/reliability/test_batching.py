@@ -1,7 +1,8 @@
 """Continuous batching and prefix caching on the real SmolLM2 server (issue 6).
 
 - sampling that is not plain greedy (seeded temperature, penalties, json_schema) gives the same
-  output batched as alone;
+  output batched as alone in deterministic mode; in the default shared KV pool, batched requests
+  are all served and the schema holds;
 - a chat's second turn reuses the first turn's KV: usage says so and the prefix-cache counters
   grow by exactly that;
 - a prompt seen before, whose slot has since served other requests, comes back from the
@@ -53,7 +54,12 @@ REQUESTS: list[dict[str, Any]] = [
 ]
 
 
-def test_sampled_penalised_and_constrained_requests_batch_like_alone(client: openai.OpenAI) -> None:
+def test_sampled_penalised_and_constrained_requests_batch_like_alone(server_factory: Any) -> None:
+    # Batch invariance is deterministic mode's guarantee (per-slot KV streams); the default shared
+    # KV pool may change tokens with load (engines/llamacpp.py), so this runs in that mode.
+    proc = server_factory("--deterministic")
+    client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+
     def one(extra: dict[str, Any]) -> str:
         r = client.chat.completions.create(model=SMOLLM, max_tokens=32, **extra)
         return r.choices[0].message.content or ""
@@ -63,6 +69,20 @@ def test_sampled_penalised_and_constrained_requests_batch_like_alone(client: ope
         batched = list(pool.map(one, REQUESTS))
     assert batched == alone
     parsed = json.loads(alone[2])
+    assert isinstance(parsed["name"], str) and isinstance(parsed["age"], int)
+
+
+def test_requests_batched_in_the_shared_pool_are_served_and_stay_valid(client: openai.OpenAI) -> None:
+    """What the pool guarantees batched: every request is served, constraints hold (valid JSON
+    for the schema), seeded sampling is honoured; the tokens may differ from a lone run."""
+    def one(extra: dict[str, Any]) -> str:
+        r = client.chat.completions.create(model=SMOLLM, max_tokens=32, **extra)
+        return r.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        batched = list(pool.map(one, REQUESTS))
+    assert all(batched)
+    parsed = json.loads(batched[2])
     assert isinstance(parsed["name"], str) and isinstance(parsed["age"], int)
 
 

@@ -35,8 +35,9 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/v1/slots")
 async def slots(request: Request) -> JSONResponse:
-    """Per loaded model: its slots (busy with which request, how far along, or idle) and its
-    wait queue, like llama-server's /slots, for humans and scripts."""
+    """Per loaded model: its slots (busy with which request, how far along, or idle), its wait
+    queue and its KV pool (`kv_cache`: capacity, tokens held by running requests, tokens kept
+    for prefix reuse, preemptions), like llama-server's /slots, for humans and scripts."""
     core = get_core(request)
     data: list[dict[str, Any]] = []
     for lm in core.manager.loaded():
@@ -54,7 +55,7 @@ async def slots(request: Request) -> JSONResponse:
         data.append({
             "id": lm.id, "model": lm.alias, "engine": lm.engine.info.engine,
             "parallel": snap.max_batch, "running": len(snap.running), "waiting": len(snap.waiting),
-            "slots": rows,
+            "kv_cache": snap.kv, "slots": rows,
             "queue": [{"request_id": rid, "waiting_s": round(w, 3)} for rid, w in snap.waiting],
         })
     return JSONResponse({"object": "list", "data": data})
