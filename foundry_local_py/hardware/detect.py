@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import re
@@ -404,18 +405,40 @@ def probe_onnxruntime() -> OnnxRuntimeInfo:
         return OnnxRuntimeInfo(
             genai_installed=genai, genai_version=genai_version, genai_distribution=genai_dist
         )
-    import onnxruntime
-
+    version, providers = _onnxruntime_providers()
     dist, _ = _distribution(_ORT_DISTRIBUTIONS)
     return OnnxRuntimeInfo(
         installed=True,
-        version=str(onnxruntime.__version__),
+        version=version,
         distribution=dist,
-        providers=tuple(str(p) for p in onnxruntime.get_available_providers()),
+        providers=providers,
         genai_installed=genai,
         genai_version=genai_version,
         genai_distribution=genai_dist,
     )
+
+
+_ORT_QUERY = ("import json, onnxruntime as o; "
+              "print(json.dumps([str(o.__version__), [str(p) for p in o.get_available_providers()]]))")
+
+
+def _onnxruntime_providers() -> tuple[str, tuple[str, ...]]:
+    """onnxruntime's version and listed providers. Asked in a child process unless onnxruntime is
+    already imported here: importing it costs a server ~19 MiB of resident memory for its whole
+    life, even when it serves only GGUF models (an ONNX model's engine loads it when needed)."""
+    import sys
+
+    if "onnxruntime" not in sys.modules:
+        try:
+            out = subprocess.run([sys.executable, "-c", _ORT_QUERY], capture_output=True, text=True,
+                                 timeout=60, check=True).stdout
+            version, providers = json.loads(out.strip().splitlines()[-1])
+            return str(version), tuple(str(p) for p in providers)
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            pass  # asked in-process below
+    import onnxruntime
+
+    return str(onnxruntime.__version__), tuple(str(p) for p in onnxruntime.get_available_providers())
 
 
 # Providers a bare session can start without options, and that start quickly.
