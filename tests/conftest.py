@@ -29,6 +29,33 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="session")
+def det_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A second shared server in deterministic mode, for tests that compare the tokens of two
+    requests at temperature 0 (stream vs not, alone vs batched, computed vs restored from a
+    cache). The default mode's shared KV pool does not promise that: a sequence's attention runs
+    over whatever else the pool holds, and its last bits (so, on a near tie, a greedy token) vary
+    with it, as in llama.cpp's own server with a unified KV cache."""
+    root = tmp_path_factory.mktemp("det-server")
+    proc = ServerProcess(
+        cache_dir=root / "cache", log_path=root / "server.log",
+        extra_args=[*TEST_SERVER_ARGS, "--deterministic"],
+    ).start()
+    yield proc
+    rc = proc.stop()
+    assert rc in DRAINED_EXIT_CODES, f"server exited with {rc}:\n{proc.log()[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def det_base_url(det_server: ServerProcess) -> str:
+    return det_server.base_url
+
+
+@pytest.fixture(scope="session")
+def det_client(det_base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=det_base_url + "/v1", api_key="x", max_retries=0, timeout=180)
+
+
+@pytest.fixture(scope="session")
 def base_url(server: ServerProcess) -> str:
     return server.base_url
 

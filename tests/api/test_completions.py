@@ -48,7 +48,8 @@ def test_token_id_prompt(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("n_prompts", [1, 2])
-def test_stream_matches_non_stream(client: openai.OpenAI, n_prompts: int) -> None:
+def test_stream_matches_non_stream(det_client: openai.OpenAI, n_prompts: int) -> None:
+    client = det_client  # the same tokens twice at temperature 0: deterministic mode
     prompts = ["Once upon a time", "The sky is"][:n_prompts]
     prompt = prompts[0] if n_prompts == 1 else prompts
     full = client.completions.create(model=SMOLLM, prompt=prompt, max_tokens=8, temperature=0)
@@ -77,7 +78,8 @@ def test_stream_matches_non_stream(client: openai.OpenAI, n_prompts: int) -> Non
     ) == full.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
 
 
-def test_stop_and_sampling_fields(client: openai.OpenAI) -> None:
+def test_stop_and_sampling_fields(det_client: openai.OpenAI) -> None:
+    client = det_client  # compares the tokens of repeated requests: deterministic mode
     prompt = "1, 2, 3, 4, 5,"
     base = client.completions.create(model=SMOLLM, prompt=prompt, max_tokens=12, temperature=0)
     text = base.choices[0].text

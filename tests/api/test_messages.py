@@ -311,13 +311,14 @@ def test_bad_input_in_anthropic_shape(http: httpx.Client, body: dict[str, Any], 
 def test_not_found_and_oversized(http: httpx.Client) -> None:
     r = http.post("/v1/messages", json={"model": "no-such-model", "max_tokens": 5, "messages": USER})
     assert_anthropic_error(r, 404, "not_found_error")
-    huge = [{"role": "user", "content": "word " * 6000}]
+    n_ctx = http.get(f"/v1/models/{SMOLLM}").json()["context_length"]
+    huge = [{"role": "user", "content": "word " * (n_ctx + 500)}]
     message = assert_anthropic_error(http.post("/v1/messages", json={"model": SMOLLM, "max_tokens": 5,
                                                                      "messages": huge}),
                                      400, "invalid_request_error")
     assert "context length" in message
     r = http.post("/v1/messages/count_tokens", json={"model": SMOLLM, "messages": huge})
-    assert r.status_code == 200 and r.json()["input_tokens"] > 6000  # counting never refuses
+    assert r.status_code == 200 and r.json()["input_tokens"] > n_ctx  # counting never refuses
     assert_anthropic_error(http.post("/v1/messages", content=b"{nope"), 400, "invalid_request_error")
     assert_anthropic_error(http.post("/v1/messages/count_tokens", json={"model": SMOLLM}), 400,
                            "invalid_request_error")

@@ -505,7 +505,8 @@ def test_unknown_ids_and_models(http: httpx.Client) -> None:
 
 
 def test_oversized_input_and_budget(http: httpx.Client) -> None:
-    huge = "word " * 6000
+    n_ctx = http.get(f"/v1/models/{SMOLLM}").json()["context_length"]
+    huge = "word " * (n_ctx + 500)
     r = http.post("/v1/responses", json={"model": SMOLLM, "input": huge})
     assert_openai_error(r, 400, code="context_length_exceeded", param="input")
     r = http.post("/v1/responses", json={"model": SMOLLM, "input": "hi", "max_output_tokens": 100_000})

@@ -115,7 +115,11 @@ def test_second_chat_turn_reuses_the_first(client: openai.OpenAI, base_url: str,
     assert h1 - h0 == cached
 
 
-def test_a_prompt_seen_before_comes_back_from_the_host_cache(client: openai.OpenAI, base_url: str) -> None:
+def test_a_prompt_seen_before_comes_back_from_the_host_cache(det_client: openai.OpenAI,
+                                                             det_base_url: str) -> None:
+    """Deterministic mode (per-slot KV streams) keeps a host prompt cache; with the default shared
+    pool, finished prompts stay in the pool instead (tests/reliability/test_kv_pool.py)."""
+    client, base_url = det_client, det_base_url
     def ask(content: str) -> tuple[openai.types.CompletionUsage, str]:
         r = client.chat.completions.create(model=SMOLLM, messages=[{"role": "user", "content": content}],
                                            max_tokens=12, temperature=0)
