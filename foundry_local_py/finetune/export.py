@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache.gguf_info import GGUF_MAGIC, MAX_KV, _read, _string, _u32, _u64, _value
+from ..cache.gguf_info import read_gguf_header
 from ..errors import InvalidRequestError
 
 #: GGUF architectures whose HF weights map to GGUF tensors by name only, and whether q/k rows are
@@ -53,7 +53,6 @@ REFUSED_MODULES = frozenset(
     {"embed_tokens", "lm_head", "wte", "wpe", "embed_out", "tok_embeddings", "output"}
 )
 PEFT_PREFIX = "base_model.model."
-MAX_TENSORS = 1 << 16
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -73,39 +72,19 @@ class BaseHeader:
 
 
 def read_base_header(path: Path) -> BaseHeader:
-    """Parse a GGUF's metadata scalars and tensor table (arrays such as the vocabulary are skipped)."""
+    """The base GGUF's metadata scalars and tensor table (:func:`read_gguf_header`: arrays such as
+    the vocabulary are skipped), its shapes turned row-major."""
     try:
-        with path.open("rb") as f:
-            if _read(f, 4) != GGUF_MAGIC:
-                raise ValueError("not a GGUF file")
-            if _u32(f) < 2:
-                raise ValueError("GGUF version 1 is not supported")
-            n_tensors, n_kv = _u64(f), _u64(f)
-            if n_kv > MAX_KV or n_tensors > MAX_TENSORS * 16:
-                raise ValueError("implausible GGUF header counts")
-            values: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = _string(f) or ""
-                vtype = _u32(f)
-                values[key] = _value(f, vtype, keep=True)
-            shapes: dict[str, tuple[int, ...]] = {}
-            for _ in range(n_tensors):
-                name = _string(f) or ""
-                n_dims = _u32(f)
-                if n_dims > 8:
-                    raise ValueError("implausible tensor rank")
-                dims = [_u64(f) for _ in range(n_dims)]
-                _u32(f)  # type
-                _u64(f)  # offset
-                shapes[name] = tuple(reversed(dims))
+        header = read_gguf_header(path)
     except FileNotFoundError as exc:
         raise InvalidRequestError("the base model file is missing") from exc
     except (ValueError, OSError) as exc:
         raise InvalidRequestError(f"the base model is not a readable GGUF file ({exc})") from exc
-    arch = values.get("general.architecture")
+    arch = header.values.get("general.architecture")
     if not isinstance(arch, str):
         raise InvalidRequestError("the base GGUF names no architecture")
-    return BaseHeader(architecture=arch, values=values, shapes=shapes)
+    shapes = {name: tuple(reversed(dims)) for name, dims in header.tensors.items()}
+    return BaseHeader(architecture=arch, values=header.values, shapes=shapes)
 
 
 def rope_permute_rows(rows: Any, n_head: int) -> Any:
