@@ -635,11 +635,9 @@ class _LlamaRunner:
         prompt = request.prompt_tokens
         if not 0 < len(prompt) < self.n_ctx_seq:  # validation keeps such requests out
             raise EngineError(f"a prompt of {len(prompt)} tokens does not fit this runner")
-        # Per slot: how many prompt tokens its cache holds (never the last: its logits are needed).
         want = as_tokens(prompt)
         key = lora_key(request.lora)  # KV computed under another adapter set is not reused
-        shared = {s.seq_id: min(common_prefix(as_tokens(s.cached), want), len(prompt) - 1)
-                  if s.lora_key == key else 0 for s in self._slots}
+        shared = self._slot_prefixes(want, len(prompt), key)
         slot = self._pick_slot(shared)
         ptrs = self.engine.acquire_loras(request.lora) if request.lora else []
         try:
@@ -809,18 +807,29 @@ class _LlamaRunner:
             self._pool.truncate(slot.seq_id, 0)
         slot.cached = []
 
+    def _slot_prefixes(self, want: np.ndarray, n_prompt: int,
+                       key: tuple[tuple[str, float], ...]) -> dict[int, int]:
+        """Per slot: how many of the prompt's tokens its cache holds under adapter set ``key``
+        (never the last: its logits are needed); 0 for a slot whose KV is another set's."""
+        return {s.seq_id: min(common_prefix(as_tokens(s.cached), want), n_prompt - 1)
+                if s.lora_key == key else 0 for s in self._slots}
+
+    def _own_prefix(self, slot: _Slot, keep: int) -> int:
+        """``keep`` tokens of ``slot``'s own cache, or 0 when the sliding window before the
+        prefix's end is no longer in its sliding-window cache."""
+        if keep > 0 and self._n_swa:
+            pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, slot.seq_id)
+            if pos_min > max(0, keep - self._n_swa):
+                return 0
+        return keep
+
     def _reuse_prefix(self, slot: _Slot, prompt: list[int], want: np.ndarray, shared: dict[int, int]) -> int:
         """Make ``slot``'s cache hold the longest cached prefix of ``prompt`` (``want`` as an
         array; ``shared`` as computed by :meth:`add`); returns its length."""
         if self._pool is not None:
             return self._reuse_in_pool(slot, prompt, want, shared)
         limit = len(prompt) - 1
-        keep = shared[slot.seq_id]
-        if keep > 0 and self._n_swa:
-            # The window before the prefix's end must still be in the sliding-window cache.
-            pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, slot.seq_id)
-            if pos_min > max(0, keep - self._n_swa):
-                keep = 0
+        keep = self._own_prefix(slot, shared[slot.seq_id])
         state: bytes | None = None
         if self._share:
             # Copying a state costs far less than computing a few tokens: take it from elsewhere
@@ -1056,8 +1065,7 @@ class _LlamaRunner:
             slot = self._slots[seq_id]
             del self._parked[seq_id]
             want = as_tokens(tokens)
-            shared = {s.seq_id: min(common_prefix(as_tokens(s.cached), want), len(tokens) - 1)
-                      if s.lora_key == slot.lora_key else 0 for s in self._slots}
+            shared = self._slot_prefixes(want, len(tokens), slot.lora_key)
             slot.prompt = tokens
             self._reuse_in_pool(slot, tokens, want, shared)
 
@@ -1098,11 +1106,7 @@ class _LlamaRunner:
         is copied); the host cache is read only when it holds more of the prompt."""
         assert self._pool is not None
         limit = len(prompt) - 1
-        keep = shared[slot.seq_id]
-        if keep > 0 and self._n_swa:
-            pos_min = llama_cpp.llama_memory_seq_pos_min(self._mem, slot.seq_id)
-            if pos_min > max(0, keep - self._n_swa):
-                keep = 0
+        keep = self._own_prefix(slot, shared[slot.seq_id])
         donor: int | None = None
         if self._share:
             for other in self._slots:
