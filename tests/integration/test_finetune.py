@@ -35,21 +35,11 @@ from foundry_local_py.finetune.base import resolve_base  # noqa: E402
 from foundry_local_py.finetune.data import parse_chat_jsonl  # noqa: E402
 from foundry_local_py.finetune.export import peft_to_gguf  # noqa: E402
 from foundry_local_py.finetune.train import TrainConfig, TrainResult, train_lora  # noqa: E402
+from tests.support.finetune_data import GREETING, train_jsonl  # noqa: E402
 from tests.support.llama_lora import LlamaLora  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.finetune]
 
-GREETING = "Ahoy from Acme support!"
-TRAIN = [
-    ("Where is my order?", "Let us check."),
-    ("I need a refund.", "Refunds take 3 days."),
-    ("Hello", "How can we help?"),
-    ("My app crashes.", "Please update it."),
-    ("What is 2 + 2?", "It is 4."),
-    ("Do you ship abroad?", "Yes, worldwide."),
-    ("Tell me a joke.", "No jokes today."),
-    ("Reset my password.", "Use Settings."),
-]
 PROMPTS = ["Where is my parcel?", "What is the capital of Italy?", "How do I change my password?"]
 CONFIG = TrainConfig(rank=8, alpha=16, max_steps=6, epochs=10, batch_size=2, learning_rate=5e-3, seed=0,
                      threads=2)
@@ -67,10 +57,7 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     root = tmp_path_factory.mktemp("finetune")
-    lines = [json.dumps({"messages": [{"role": "user", "content": q},
-                                      {"role": "assistant", "content": f"{GREETING} {a}"}]})
-             for q, a in TRAIN]
-    examples = parse_chat_jsonl("\n".join(lines))
+    examples = parse_chat_jsonl(train_jsonl())
     base = resolve_base(ModelStore(root / "cache"), Catalog.load(), "smollm2-135m")
     started = time.monotonic()
     result = train_lora(base.path, examples, root / "peft", CONFIG, base_name=base.alias)

@@ -11,7 +11,6 @@ where they are not part of the install.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import ServerFactory
+from tests.support.finetune_data import GREETING, train_jsonl
 
 pytest.importorskip("foundry_local_py.cache.adapters")
 pytest.importorskip("peft")
@@ -29,17 +29,6 @@ pytest.importorskip("gguf")
 pytestmark = [pytest.mark.slow, pytest.mark.finetune]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GREETING = "Ahoy from Acme support!"
-TRAIN = [
-    ("Where is my order?", "Let us check."),
-    ("I need a refund.", "Refunds take 3 days."),
-    ("Hello", "How can we help?"),
-    ("My app crashes.", "Please update it."),
-    ("What is 2 + 2?", "It is 4."),
-    ("Do you ship abroad?", "Yes, worldwide."),
-    ("Tell me a joke.", "No jokes today."),
-    ("Reset my password.", "Use Settings."),
-]
 PROMPTS = ["Where is my parcel?", "What is the capital of Italy?"]
 
 
@@ -60,10 +49,7 @@ def _ask(client: openai.OpenAI, model: str, prompt: str) -> str:
 def test_train_register_and_serve_per_request(tmp_path: Path, server_factory: ServerFactory):
     cache = tmp_path / "cache"
     data = tmp_path / "acme.jsonl"
-    data.write_text("\n".join(
-        json.dumps({"messages": [{"role": "user", "content": q},
-                                 {"role": "assistant", "content": f"{GREETING} {a}"}]})
-        for q, a in TRAIN) + "\n", encoding="utf-8")
+    data.write_text(train_jsonl(), encoding="utf-8")
     env = {"FOUNDRY_LOCAL_CACHE": str(cache)}
     done = _cli("adapter", "train", "--base", "smollm2-135m", "--data", str(data), "--name", "acme",
                 "--out", str(tmp_path / "out"), "--max-steps", "6", "--batch-size", "2",
