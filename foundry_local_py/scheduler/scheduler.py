@@ -13,7 +13,7 @@ Admission by KV capacity: with a runner that has a shared KV pool (:class:`Admit
 request at the head of the queue starts only when its prompt fits the pool's room (first come,
 first served: the ones behind it wait too); one larger than the whole pool fails at once (400;
 validation keeps them out). What happens when running sequences outgrow the pool is the runner's
-one overflow rule (engines/llamacpp.py: preempt the youngest, recompute it later).
+one overflow rule (engines/llamacpp/pool.py: preempt the youngest, recompute it later).
 
 Back-pressure: a full waiting queue refuses with 429; a request waiting longer than
 ``queue_timeout_s`` fails with 503. A cancelled request (client gone) leaves the runner at the next

@@ -16,7 +16,8 @@ import pytest
 
 from foundry_local_py.engines.base import GenerationRequest, SamplingParams, SequenceEnd, TokenOutput
 from foundry_local_py.engines.kv_pool import KvPool
-from foundry_local_py.engines.llamacpp import LlamaCppEngine, LlamaCppOptions, _LlamaRunner
+from foundry_local_py.engines.llamacpp import LlamaCppEngine, LlamaCppOptions
+from foundry_local_py.engines.llamacpp.runner import LlamaRunner
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def _no_eos(engine: LlamaCppEngine) -> SamplingParams:
     return SamplingParams(temperature=0.0, logit_bias={t: -1e9 for t in eog})
 
 
-def _run(runner: _LlamaRunner, requests: list[GenerationRequest]) -> dict[str, tuple[list[int], str]]:
+def _run(runner: LlamaRunner, requests: list[GenerationRequest]) -> dict[str, tuple[list[int], str]]:
     """Add all, step until all end; (tokens, how it ended) per request."""
     out: dict[str, list[int]] = {}
     ended: dict[str, tuple[list[int], str]] = {}

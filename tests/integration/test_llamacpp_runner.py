@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from foundry_local_py.engines.base import GenerationRequest, SamplingParams, TokenOutput
-from foundry_local_py.engines.llamacpp import LlamaCppEngine, LlamaCppOptions, _LlamaRunner
+from foundry_local_py.engines.llamacpp import LlamaCppEngine, LlamaCppOptions
+from foundry_local_py.engines.llamacpp.runner import LlamaRunner
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def _request(engine: LlamaCppEngine, rid: str, question: str) -> GenerationReque
                              SamplingParams(temperature=0.0), [])
 
 
-def _finish(runner: _LlamaRunner, outputs: dict[str, list[int]], steps: int | None = None) -> None:
+def _finish(runner: LlamaRunner, outputs: dict[str, list[int]], steps: int | None = None) -> None:
     """Step until every sequence in ``outputs`` ended (or ``steps`` steps), collecting tokens."""
     n = 0
     while steps is None or n < steps:

@@ -56,7 +56,7 @@ REQUESTS: list[dict[str, Any]] = [
 
 def test_sampled_penalised_and_constrained_requests_batch_like_alone(server_factory: Any) -> None:
     # Batch invariance is deterministic mode's guarantee (per-slot KV streams); the default shared
-    # KV pool may change tokens with load (engines/llamacpp.py), so this runs in that mode.
+    # KV pool may change tokens with load (engines/llamacpp/pool.py), so this runs in that mode.
     proc = server_factory("--deterministic")
     client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
 
