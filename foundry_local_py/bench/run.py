@@ -322,6 +322,16 @@ def _print_conversations(kind: str, per_system: dict[str, list[dict[str, Any]]],
         b = [r["aggregate_tps"] for r in per_system[names[-1]]]
         console.print(f"{kind}: {name}/{names[-1]} aggregate, per round: "
                       + ", ".join(_ratio(x, y) for x, y in zip(a, b, strict=False)))
+    for rounds in zip(*per_system.values(), strict=False):
+        done = {name: r.get("turns_completed") for name, r in zip(names, rounds, strict=True)}
+        if len(set(done.values())) > 1:
+            errs = "; ".join(f"{n}: {r['first_error']}" for n, r in zip(names, rounds, strict=True)
+                             if r.get("first_error"))
+            planned = rounds[0].get("turns_planned")
+            console.print(f"{kind}: not like for like: turns completed "
+                          + ", ".join(f"{n} {d}/{planned}" for n, d in done.items())
+                          + " (a failed turn ends its conversation, so the system with errors did "
+                          f"less work). {errs}", style="yellow", markup=False)
 
 
 def _print_levels(report: dict[str, Any], systems: dict[str, Any], console: Console, title: str = "") -> None:

@@ -7,6 +7,10 @@
   then turns where the server's reply is followed by a tool result (a JSON blob of ~80 tokens)
   and the loop asks again: the prompt grows by the reply and the tool result every turn.
 
+A failed turn ends its conversation (the next turn would need its reply), so a system with
+errors does less work, on shorter prompts: the summary counts completed turns, and the bench
+flags a comparison where the counts differ.
+
 Temperature 0, streamed (time to first token and turn latency per turn), output tokens counted
 with the model's tokenizer as the other levels. Aggregate = output tokens of all turns / wall.
 """
@@ -87,6 +91,8 @@ class ConversationResult:
         return {
             "workload": self.name, "conversations": self.conversations, "turns": self.turns,
             "requests": len(self.results), "errors": len(self.results) - len(ok),
+            "turns_completed": len(ok), "turns_planned": self.conversations * self.turns,
+            "first_error": next((r.error for r in self.results if not r.ok), None),
             "output_tokens": tokens, "wall_s": round(self.wall_s, 3),
             "aggregate_tps": round(tokens / self.wall_s, 1) if self.wall_s > 0 else 0.0,
             "ttft_p50_ms": q(ttft, 0.5), "ttft_p95_ms": q(ttft, 0.95),
