@@ -1,16 +1,18 @@
 """Running validated requests: admission to the model's scheduler and the events that come back.
 
 :class:`Generator` is the HTTP-free entry point every front-end uses (the server's serving core
-and the in-process SDK): ``resolve`` the model an ask names (loading it on demand), ``start`` the
-asks as one :class:`Generation` (validated, queued; several asks = several choices decoded
-together), then read ``events()``.
+and the in-process SDK): ``resolved`` gives the model an ask names (loading it on demand) and
+holds it loaded for the block, in which ``start`` queues the asks as one :class:`Generation`
+(validated, queued; several asks = several choices decoded together); then read ``events()``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +28,11 @@ def new_id(prefix: str) -> str:
 
 class ModelSource(Protocol):
     async def get(self, name: str, *, ep: str | None = None, ttl: float | None = None) -> ServedModel: ...
+
+    def hold(self, name: str, *, ep: str | None = None,
+             ttl: float | None = None) -> AbstractAsyncContextManager[ServedModel]:
+        """:meth:`get`, with the model kept loaded until the block ends."""
+        ...
 
 
 @dataclass
@@ -96,12 +103,15 @@ class Generator:
         self.models = models
         self.settings = settings
 
-    async def resolve(self, asks: Sequence[GenerationAsk]) -> ServedModel:
-        """Model-independent checks of every ask, then the (loaded) model they name."""
+    @contextlib.asynccontextmanager
+    async def resolved(self, asks: Sequence[GenerationAsk]) -> AsyncIterator[ServedModel]:
+        """Model-independent checks of every ask, then the (loaded) model they name, kept loaded
+        until the block ends: :meth:`start` (or a token count) runs inside it."""
         for ask in asks:
             check_limits(ask, self.settings)
         first = asks[0]
-        return await self.models.get(first.model, ep=first.ep, ttl=first.ttl)
+        async with self.models.hold(first.model, ep=first.ep, ttl=first.ttl) as model:
+            yield model
 
     async def start(self, model: ServedModel, asks: Sequence[GenerationAsk], id_prefix: str) -> Generation:
         """Validate every ask against ``model``, then queue them all (429 when the queue is full)."""

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 ROOM_POLL_S = 0.1
 """How often a load waiting for room looks again (models go idle without telling the manager)."""
+_HOLD_TRIES = 3
 
 
 @dataclass
@@ -86,6 +87,11 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
     adapter_store: AdapterStore | None = None
+    holds: int = 0
+    """Requests using the model outside its scheduler (resolved and not yet queued, or counting
+    tokens, or embedding): it is busy, so neither eviction nor the idle reaper closes it."""
+    released: asyncio.Event | None = field(default=None, repr=False)
+    """Set when the last hold ends, for an unload waiting on them."""
 
     @property
     def alias(self) -> str:
@@ -112,6 +118,8 @@ class LoadedModel:
         self.last_used = time.monotonic()
 
     def busy(self) -> bool:
+        if self.holds:
+            return True
         stats = self.scheduler.stats()
         return stats.running + stats.waiting > 0
 
@@ -268,6 +276,32 @@ class ModelManager:
         if adapter is not None:
             return AdapterModel(await self.get_model(adapter.base_variant, ep=ep, ttl=ttl), adapter)
         return await self.get_model(name, ep=ep, ttl=ttl)
+
+    @contextlib.asynccontextmanager
+    async def hold(
+        self, name: str, *, ep: str | None = None, ttl: float | None = None
+    ) -> AsyncIterator[LoadedModel | AdapterModel]:
+        """:meth:`get`, and the model stays loaded until the block ends (Ollama's reference count
+        on a runner): a load of another model waits for it rather than closing the engine while
+        the request tokenizes, validates or queues. Once a request is in the model's scheduler,
+        the scheduler's own count keeps the model busy."""
+        for _ in range(_HOLD_TRIES):
+            served = await self.get(name, ep=ep, ttl=ttl)
+            base = served.base if isinstance(served, AdapterModel) else served
+            # No await since get() returned: the model is still loaded, unless another task
+            # evicted it while this one waited on a load; then it is resolved again.
+            if self._loaded.get(base.id) is base:
+                break
+        else:
+            raise ServiceUnavailableError(f"model '{name}' was unloaded while being resolved; retry")
+        base.holds += 1
+        try:
+            yield served
+        finally:
+            base.holds -= 1
+            base.touch()
+            if not base.holds and base.released is not None:
+                base.released.set()
 
     async def get_model(self, name: str, *, ep: str | None = None, ttl: float | None = None) -> LoadedModel:
         """The loaded model for ``name`` (an alias or variant id), loading it on demand."""
@@ -472,6 +506,14 @@ class ModelManager:
             if self._loaded.get(lm.id) is not lm:
                 return
             del self._loaded[lm.id]
+        # Nobody can take a new hold now (holds are taken on loaded models only); the ones taken
+        # are short (a tokenization, a validation): the engine closes after them, even when forced.
+        if lm.holds:
+            lm.released = asyncio.Event()
+            try:
+                await asyncio.wait_for(lm.released.wait(), self.settings.queue_timeout_s)
+            except TimeoutError:
+                log.warning("unloading %s with %d requests still holding it", lm.id, lm.holds)
         await anyio.to_thread.run_sync(self._close_sync, lm, drain)
 
     @staticmethod
@@ -505,7 +547,7 @@ class ModelManager:
                     lm.engine.expire_loras(self.settings.lora_ttl_s)
         for lm in self.loaded():
             idle_since = lm.scheduler.idle_since
-            if lm.ttl_s is None or idle_since is None:
+            if lm.ttl_s is None or idle_since is None or lm.holds:
                 continue
             if now - max(idle_since, lm.last_used) > lm.ttl_s:
                 await self._unload(lm)

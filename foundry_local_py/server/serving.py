@@ -230,9 +230,9 @@ class ServingCore:
         try:
             req = await api.prepare(await parse_body(raw, api.request_type, self.settings))
             asks = api.asks(req, self.settings)
-            model = await self.generator.resolve(asks)
-            recorder.bind(model.alias, model.adapter.name if model.adapter else "")
-            gen = await self.generator.start(model, asks, api.id_prefix)
+            async with self.generator.resolved(asks) as model:
+                recorder.bind(model.alias, model.adapter.name if model.adapter else "")
+                gen = await self.generator.start(model, asks, api.id_prefix)
             recorder.prompt_tokens, recorder.adapter = gen.prompt_tokens, gen.adapter_label
             try:
                 firsts = await unless_disconnected(gen.first_events(), raw)

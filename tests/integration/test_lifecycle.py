@@ -279,6 +279,36 @@ def test_concurrent_loads_of_two_models_under_a_bound_of_one(bounded: ServerProc
     assert peak == 1, bounded.log()[start:]
 
 
+@pytest.mark.slow
+def test_requests_using_a_model_outside_its_scheduler_hold_it(bounded: ServerProcess) -> None:
+    """Embeddings and token counts use the engine outside its scheduler. With room for one model,
+    completions for the other model arriving meanwhile wait for them instead of evicting the
+    model (closing its llama.cpp context under a running call); every request is served and the
+    server stays up."""
+    assert _get(bounded, "/openai/unloadall").status_code == 200
+    assert _chat(bounded).status_code == 200
+    text = " ".join(f"Sentence {i} talks about libraries, rivers and small green boats." for i in range(40))
+
+    def embed() -> httpx.Response:
+        return httpx.post(bounded.url("/v1/embeddings"), json={"model": SMOLLM, "input": [text] * 4},
+                          timeout=180)
+
+    def count() -> httpx.Response:
+        return httpx.post(bounded.url("/v1/chat/completions/tokenizer/encode/count"), timeout=180,
+                          json=chat_body(model=SMOLLM, content=text))
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = []
+        for _ in range(3):
+            futures += [pool.submit(embed), pool.submit(count), pool.submit(_complete, bounded, GEMMA)]
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results] == [200] * len(results), [r.text[:200] for r in results]
+    counts = {r.json()["tokenCount"] for r in results if "tokenCount" in r.text}
+    assert len(counts) == 1 and counts.pop() > 400
+    assert _get(bounded, "/health").status_code == 200
+    assert len(_loaded(bounded)) == 1
+
+
 # --- unloading -----------------------------------------------------------------------------------
 
 

@@ -198,3 +198,54 @@ def test_the_reaper_survives_an_unexpected_exception(tmp_path: Path, monkeypatch
     assert asyncio.run(scenario()) == 0, "the idle model was not unloaded after the reaper failed"
     assert calls["n"] >= 2
     assert manager.metrics.internal_errors.labels("reaper")._value.get() == 1
+
+
+class SlowTokenizer(FakeEngine):
+    """Tokenizes slowly, and records a call made after the engine was closed (in llama.cpp that
+    reads freed memory)."""
+
+    used_after_close = 0
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        time.sleep(0.4)
+        if self.closed:
+            SlowTokenizer.used_after_close += 1
+            raise RuntimeError("tokenize on a closed engine")
+        return super().tokenize(text, add_special=add_special)
+
+
+class SlowTokenizerLoader(Loader):
+    def __call__(self, fmt: str, path: Path, options: EngineOptions) -> FakeEngine:
+        engine = SlowTokenizer(self.script, max_batch=options.max_batch, chat="base" not in path.name)
+        self.engines.append(engine)
+        return engine
+
+
+def test_a_model_in_use_between_resolution_and_admission_is_not_evicted(tmp_path: Path) -> None:
+    """With room for one model, a request that resolved a model (here: counting its prompt's
+    tokens, or validating a chat before it reaches the scheduler) holds it: a load of another
+    model waits for it instead of closing the engine under it (Ollama's runner reference count)."""
+    SlowTokenizer.used_after_close = 0
+    loader = SlowTokenizerLoader()
+    with TestClient(create_app(fake_settings(tmp_path, max_loaded_models=1), engine_loader=loader),
+                    raise_server_exceptions=False) as c:
+        assert wait_health(c) == 200
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200  # fake-chat is loaded
+        results: dict[str, Any] = {}
+
+        def count() -> None:
+            results["count"] = c.post("/v1/chat/completions/tokenizer/encode/count", json=CHAT)
+
+        def other() -> None:
+            time.sleep(0.1)  # while the count tokenizes
+            results["other"] = c.post("/v1/completions", json={"model": "fake-base", "prompt": "hi",
+                                                               "max_tokens": 5})
+
+        threads = [threading.Thread(target=count), threading.Thread(target=other)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results["count"].status_code == 200, results["count"].text
+        assert results["other"].status_code == 200, results["other"].text
+    assert SlowTokenizer.used_after_close == 0

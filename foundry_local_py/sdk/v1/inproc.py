@@ -41,9 +41,9 @@ async def run(core: Core, api: type[FrontEnd[Any]], req: Any) -> dict[str, Any] 
     recorder = Recorder(core.metrics, f"sdk:{api.endpoint}", new_id("sdk"))
     try:
         asks = api.asks(req, core.settings)
-        model = await core.generator.resolve(asks)
-        recorder.bind(model.alias, model.adapter.name if model.adapter else "")
-        gen = await core.generator.start(model, asks, api.id_prefix)
+        async with core.generator.resolved(asks) as model:
+            recorder.bind(model.alias, model.adapter.name if model.adapter else "")
+            gen = await core.generator.start(model, asks, api.id_prefix)
         recorder.prompt_tokens, recorder.adapter = gen.prompt_tokens, gen.adapter_label
         try:
             firsts = await gen.first_events()

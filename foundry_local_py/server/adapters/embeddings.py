@@ -30,34 +30,34 @@ async def create_embeddings(core: ServingCore, raw: Request) -> JSONResponse:
         inputs = req.inputs()
         if len(inputs) > MAX_INPUTS:
             raise InvalidRequestError(f"at most {MAX_INPUTS} inputs per request", param="input")
-        lm = await core.generator.models.get(req.model)
-        recorder.bind(lm.alias)
-        info = lm.engine.info
-        if lm.adapter is not None:
-            raise InvalidRequestError(
-                f"embeddings are computed by the base model; name '{lm.alias}' instead of an adapter",
-                param="model")
-        if not info.capabilities.embeddings:
-            raise InvalidRequestError(
-                f"model '{req.model}' ({info.engine}) does not produce embeddings", param="model")
-        if req.dimensions is not None and req.dimensions != info.n_embd:
-            raise InvalidRequestError(f"this model's embeddings have {info.n_embd} dimensions",
-                                      param="dimensions")
+        async with core.generator.models.hold(req.model) as lm:  # loaded until embedded
+            recorder.bind(lm.alias)
+            info = lm.engine.info
+            if lm.adapter is not None:
+                raise InvalidRequestError(
+                    f"embeddings are computed by the base model; name '{lm.alias}' instead of an adapter",
+                    param="model")
+            if not info.capabilities.embeddings:
+                raise InvalidRequestError(
+                    f"model '{req.model}' ({info.engine}) does not produce embeddings", param="model")
+            if req.dimensions is not None and req.dimensions != info.n_embd:
+                raise InvalidRequestError(f"this model's embeddings have {info.n_embd} dimensions",
+                                          param="dimensions")
 
-        def run() -> tuple[list[list[float]], int]:
-            tokens = []
-            for item in inputs:
-                if isinstance(item, str):
-                    tokens.append(lm.engine.tokenize(item, add_special=True))
-                elif any(t >= info.n_vocab for t in item):
-                    raise InvalidRequestError("input has token ids outside the vocabulary", param="input")
-                else:
-                    tokens.append(list(item))
-            check_inputs_fit([len(t) for t in tokens], info.n_ctx, "input")
-            return lm.engine.embed(tokens), sum(len(t) for t in tokens)
+            def run() -> tuple[list[list[float]], int]:
+                tokens = []
+                for item in inputs:
+                    if isinstance(item, str):
+                        tokens.append(lm.engine.tokenize(item, add_special=True))
+                    elif any(t >= info.n_vocab for t in item):
+                        raise InvalidRequestError("input has token ids outside the vocabulary", param="input")
+                    else:
+                        tokens.append(list(item))
+                check_inputs_fit([len(t) for t in tokens], info.n_ctx, "input")
+                return lm.engine.embed(tokens), sum(len(t) for t in tokens)
 
-        lm.touch()
-        vectors, n_tokens = await anyio.to_thread.run_sync(run)
+            lm.touch()
+            vectors, n_tokens = await anyio.to_thread.run_sync(run)
         recorder.on_finish(n_tokens, 0)
         data = [Embedding(index=i, embedding=_encode(v, req.encoding_format)) for i, v in enumerate(vectors)]
         body = EmbeddingResponse(data=data, model=req.model,

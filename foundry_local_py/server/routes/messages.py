@@ -33,6 +33,6 @@ async def count_tokens(request: Request) -> TokenCount:
     core = get_core(request)
     body = await parse_body(request, CountTokensRequest, get_core(request).settings)
     ask = messages_ask(body)
-    model = await core.generator.resolve([ask])
-    tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, model, tool_plan(ask))
+    async with core.generator.resolved([ask]) as model:
+        tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, model, tool_plan(ask))
     return TokenCount(input_tokens=len(tokens))

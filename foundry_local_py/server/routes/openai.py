@@ -130,6 +130,6 @@ async def count_tokens(request: Request) -> JSONResponse:
     core = get_core(request)
     body = await parse_body(request, ChatCompletionRequest, core.settings)
     ask = chat_ask(body)
-    lm = await core.generator.resolve([ask])
-    tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, lm, tool_plan(ask))
+    async with core.generator.resolved([ask]) as lm:
+        tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, lm, tool_plan(ask))
     return JSONResponse({"tokenCount": len(tokens)})

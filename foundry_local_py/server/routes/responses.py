@@ -51,8 +51,8 @@ async def input_tokens(request: Request) -> InputTokenCount:
     call = ResponsesCall(wire=wire, history=await conversation(core.responses, body.previous_response_id),
                          new_items=stored_items(wire.items()))
     ask = responses_ask(call)
-    model = await core.generator.resolve([ask])
-    tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, model, tool_plan(ask))
+    async with core.generator.resolved([ask]) as model:
+        tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, model, tool_plan(ask))
     return InputTokenCount(input_tokens=len(tokens))
 
 
