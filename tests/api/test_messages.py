@@ -31,6 +31,12 @@ WEATHER: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
+def det_claude(det_base_url: str) -> anthropic.Anthropic:
+    """On the deterministic-mode server, for tests comparing two requests' greedy tokens."""
+    return anthropic.Anthropic(base_url=det_base_url, api_key="x", max_retries=0, timeout=180)
+
+
+@pytest.fixture(scope="module")
 def claude(base_url: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0, timeout=180)
 
@@ -65,7 +71,8 @@ def _text(message: Any) -> str:
 # --- generation ---------------------------------------------------------------------------------
 
 
-def test_create_equals_chat_completions(claude: anthropic.Anthropic, client: openai.OpenAI) -> None:
+def test_create_equals_chat_completions(det_claude: anthropic.Anthropic, det_client: openai.OpenAI) -> None:
+    claude, client = det_claude, det_client  # two requests' greedy tokens compared
     m = claude.messages.create(model=SMOLLM, max_tokens=24, messages=USER, extra_body=GREEDY)
     chat = client.chat.completions.create(model=SMOLLM, messages=USER, max_tokens=24, temperature=0)
     assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg")
@@ -79,7 +86,8 @@ def test_create_equals_chat_completions(claude: anthropic.Anthropic, client: ope
     assert m.usage.output_tokens == chat.usage.completion_tokens
 
 
-def test_system_prompt_string_and_blocks(claude: anthropic.Anthropic, client: openai.OpenAI) -> None:
+def test_system_prompt_string_and_blocks(det_claude: anthropic.Anthropic, det_client: openai.OpenAI) -> None:
+    claude, client = det_claude, det_client  # two requests' greedy tokens compared
     system = "You are a pirate. Answer in one short sentence."
     as_text = claude.messages.create(model=SMOLLM, max_tokens=20, system=system, messages=USER,
                                      extra_body=GREEDY)

@@ -53,8 +53,9 @@ def sse_events(raw: bytes) -> list[tuple[str | None, dict[str, Any]]]:
 # --- generation ---------------------------------------------------------------------------------
 
 
-def test_text_equals_chat_completions(client: openai.OpenAI) -> None:
+def test_text_equals_chat_completions(det_client: openai.OpenAI) -> None:
     """Same conversation, same renderer, greedy: the Responses API and chat completions agree."""
+    client = det_client  # compares two requests' greedy tokens (tests/conftest.py: det_server)
     r = client.responses.create(model=SMOLLM, input=QUESTION, max_output_tokens=24, temperature=0)
     chat = client.chat.completions.create(model=SMOLLM, messages=[{"role": "user", "content": QUESTION}],
                                           max_tokens=24, temperature=0)
@@ -70,7 +71,8 @@ def test_text_equals_chat_completions(client: openai.OpenAI) -> None:
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
 
 
-def test_instructions_are_the_system_message(client: openai.OpenAI) -> None:
+def test_instructions_are_the_system_message(det_client: openai.OpenAI) -> None:
+    client = det_client  # compares two requests' greedy tokens (tests/conftest.py: det_server)
     system = "You are a pirate. Answer in one short sentence."
     r = client.responses.create(model=SMOLLM, instructions=system, input=QUESTION, max_output_tokens=24,
                                 temperature=0)
@@ -179,7 +181,8 @@ def test_tool_round_trip_via_previous_response_id(client: openai.OpenAI) -> None
 # --- streaming ----------------------------------------------------------------------------------
 
 
-def test_stream_accumulator_equals_non_stream(client: openai.OpenAI) -> None:
+def test_stream_accumulator_equals_non_stream(det_client: openai.OpenAI) -> None:
+    client = det_client  # compares two requests' greedy tokens (tests/conftest.py: det_server)
     kwargs: dict[str, Any] = {"model": SMOLLM, "input": "Say hi.", "max_output_tokens": 200, "temperature": 0}
     full = client.responses.create(**kwargs)
     assert full.status == "completed"
