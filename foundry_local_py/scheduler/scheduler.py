@@ -237,6 +237,11 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    @property
+    def stopped(self) -> bool:
+        """The worker thread has ended (after :meth:`stop`): nothing calls the engine any more."""
+        return not self._thread.is_alive()
+
     def truncate_running(self) -> int:
         """Shutdown past its drain timeout: every running sequence ends at its next token with
         finish_reason 'length' (a normal end, not an error). Returns how many were running."""

@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 ROOM_POLL_S = 0.1
 """How often a load waiting for room looks again (models go idle without telling the manager)."""
 _HOLD_TRIES = 3
+DRAIN_TIMEOUT_S = 60.0
+"""How long an unload lets running requests finish before ending them."""
 
 
 @dataclass
@@ -517,8 +519,18 @@ class ModelManager:
         await anyio.to_thread.run_sync(self._close_sync, lm, drain)
 
     @staticmethod
-    def _close_sync(lm: LoadedModel, drain: bool) -> None:
-        lm.scheduler.stop(drain=drain, timeout=60)
+    def _close_sync(lm: LoadedModel, drain: bool, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Stop the scheduler, then free the engine, never under a running call: requests still
+        running after ``timeout`` of draining are ended (503, as a forced unload does); a worker
+        that still does not stop leaves its engine allocated (a leak, logged) rather than have
+        llama.cpp free the context it is decoding with (a crash)."""
+        lm.scheduler.stop(drain=drain, timeout=timeout)
+        if not lm.scheduler.stopped and drain:
+            log.warning("%s: requests still running after %.0f s of draining; ending them", lm.id, timeout)
+            lm.scheduler.stop(drain=False, timeout=timeout)
+        if not lm.scheduler.stopped:
+            log.error("%s: its worker did not stop; the engine stays allocated", lm.id)
+            return
         lm.engine.close()
         log.info("unloaded %s", lm.id)
 

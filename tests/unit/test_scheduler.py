@@ -296,3 +296,47 @@ def test_stop_without_drain_ends_running_and_waiting_requests_with_503() -> None
     for last in run(body):
         assert isinstance(last, ErrorEvent) and last.error.status == 503
         assert "unloaded" in last.error.message
+
+
+def test_an_unload_past_its_drain_timeout_ends_the_requests_before_freeing_the_engine() -> None:
+    """A request still running when the drain times out is ended (503) and the engine is freed only
+    after the worker stopped; a worker stuck in a step keeps its engine (freeing a llama.cpp context
+    under a running decode crashes the server)."""
+    from types import SimpleNamespace
+
+    from foundry_local_py.server.model_manager import ModelManager
+
+    sched, engine = make(Script(loop_forever=True, step_delay=0.002), max_batch=1)
+
+    async def body() -> StreamEvent:
+        running = sched.submit(req(max_tokens=10**6))
+        await running.queue.get()
+        lm = SimpleNamespace(scheduler=sched, engine=engine, id="fake")
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: ModelManager._close_sync(lm, True, timeout=0.2))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        last = None
+        while not running.queue.empty():
+            last = running.queue.get_nowait()
+        assert last is not None
+        return last
+
+    last = run(body)
+    assert isinstance(last, ErrorEvent) and last.error.status == 503
+    assert sched.stopped and engine.closed
+
+    stuck_script = Script(loop_forever=True, step_delay=3.0)
+    stuck, stuck_engine = make(stuck_script, max_batch=1)
+
+    async def stuck_body() -> None:
+        stuck.submit(req(max_tokens=10**6))
+        await until(lambda: stuck_engine.closed_runners == 0 and stuck.stats().running == 1)
+        await asyncio.sleep(0.1)  # inside the 3 s step
+        lm = SimpleNamespace(scheduler=stuck, engine=stuck_engine, id="stuck")
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: ModelManager._close_sync(lm, True, timeout=0.2))  # type: ignore[arg-type]
+
+    run(stuck_body)
+    assert not stuck.stopped and not stuck_engine.closed, "the engine was freed under a running step"
+    stuck.stop(drain=False, timeout=10)
+    assert stuck.stopped
