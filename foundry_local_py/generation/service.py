@@ -16,8 +16,11 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+import anyio
+
 from ..config import Settings
 from ..scheduler.scheduler import ErrorEvent, FinishEvent, RequestHandle, StreamEvent
+from .prompt import prompt_tokens, tool_plan
 from .request import GenerationAsk, ServedModel
 from .validate import ValidRequest, check_limits, validate
 
@@ -112,6 +115,12 @@ class Generator:
         first = asks[0]
         async with self.models.hold(first.model, ep=first.ep, ttl=first.ttl) as model:
             yield model
+
+    async def count_prompt_tokens(self, ask: GenerationAsk) -> int:
+        """The ask's prompt length in tokens, rendered as :meth:`start` renders it (the token
+        counters of every API), with the model held while it tokenizes."""
+        async with self.resolved([ask]) as model:
+            return len(await anyio.to_thread.run_sync(prompt_tokens, ask, model, tool_plan(ask)))
 
     async def start(self, model: ServedModel, asks: Sequence[GenerationAsk], id_prefix: str) -> Generation:
         """Validate every ask against ``model``, then queue them all (429 when the queue is full)."""

@@ -3,11 +3,9 @@ chooses the shape by route)."""
 
 from __future__ import annotations
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ...generation import prompt_tokens, tool_plan
 from ...protocol.anthropic import CountTokensRequest, MessagesRequest, TokenCount
 from ..adapters.messages import MessagesFrontEnd, messages_ask
 from ..body import parse_body
@@ -33,6 +31,5 @@ async def count_tokens(request: Request) -> TokenCount:
     core = get_core(request)
     body = await parse_body(request, CountTokensRequest, get_core(request).settings)
     ask = messages_ask(body)
-    async with core.generator.resolved([ask]) as model:
-        tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, model, tool_plan(ask))
-    return TokenCount(input_tokens=len(tokens))
+    n_tokens = await core.generator.count_prompt_tokens(ask)
+    return TokenCount(input_tokens=n_tokens)

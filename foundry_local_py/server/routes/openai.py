@@ -9,7 +9,6 @@ from ...cache.adapters import AdapterRecord
 from ...cache.catalog import CatalogModel, Variant
 from ...engines.backends import backend_for
 from ...errors import ModelNotFoundError
-from ...generation import prompt_tokens, tool_plan
 from ...protocol.chat import ChatCompletionRequest
 from ...protocol.completions import CompletionRequest
 from ...protocol.embeddings import EmbeddingRequest
@@ -125,11 +124,9 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 async def count_tokens(request: Request) -> JSONResponse:
     """Foundry Local's token counter: the chat request's prompt length in tokens, rendered by the
     same renderer as the chat itself (so it equals ``usage.prompt_tokens``)."""
-    import anyio
 
     core = get_core(request)
     body = await parse_body(request, ChatCompletionRequest, core.settings)
     ask = chat_ask(body)
-    async with core.generator.resolved([ask]) as lm:
-        tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, lm, tool_plan(ask))
-    return JSONResponse({"tokenCount": len(tokens)})
+    n_tokens = await core.generator.count_prompt_tokens(ask)
+    return JSONResponse({"tokenCount": n_tokens})

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...errors import NotFoundError
-from ...generation import prompt_tokens, tool_plan
 from ...protocol.responses import (
     DeletedResponse,
     InputItemList,
@@ -51,9 +49,8 @@ async def input_tokens(request: Request) -> InputTokenCount:
     call = ResponsesCall(wire=wire, history=await conversation(core.responses, body.previous_response_id),
                          new_items=stored_items(wire.items()))
     ask = responses_ask(call)
-    async with core.generator.resolved([ask]) as model:
-        tokens = await anyio.to_thread.run_sync(prompt_tokens, ask, model, tool_plan(ask))
-    return InputTokenCount(input_tokens=len(tokens))
+    n_tokens = await core.generator.count_prompt_tokens(ask)
+    return InputTokenCount(input_tokens=n_tokens)
 
 
 @router.get("/v1/responses/{response_id}")
