@@ -119,6 +119,11 @@ class LoadedModel:
     def touch(self) -> None:
         self.last_used = time.monotonic()
 
+    @property
+    def base(self) -> LoadedModel:
+        """The loaded model serving this name: itself (an :class:`AdapterModel`'s is its base)."""
+        return self
+
     def busy(self) -> bool:
         if self.holds:
             return True
@@ -289,7 +294,7 @@ class ModelManager:
         the scheduler's own count keeps the model busy."""
         for _ in range(_HOLD_TRIES):
             served = await self.get(name, ep=ep, ttl=ttl)
-            base = served.base if isinstance(served, AdapterModel) else served
+            base = served.base
             # No await since get() returned: the model is still loaded, unless another task
             # evicted it while this one waited on a load; then it is resolved again.
             if self._loaded.get(base.id) is base:

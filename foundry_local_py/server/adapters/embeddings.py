@@ -56,7 +56,6 @@ async def create_embeddings(core: ServingCore, raw: Request) -> JSONResponse:
                 check_inputs_fit([len(t) for t in tokens], info.n_ctx, "input")
                 return lm.engine.embed(tokens), sum(len(t) for t in tokens)
 
-            lm.touch()
             vectors, n_tokens = await anyio.to_thread.run_sync(run)
         recorder.on_finish(n_tokens, 0)
         data = [Embedding(index=i, embedding=_encode(v, req.encoding_format)) for i, v in enumerate(vectors)]

@@ -22,7 +22,6 @@ from ...engines.base import LoraRef, ServesLora
 from ...errors import InvalidRequestError, PermissionDeniedError
 from ...protocol.models import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from ..body import parse_body
-from ..model_manager import AdapterModel
 from ..state import get_core
 
 router = APIRouter()
@@ -60,12 +59,12 @@ async def load_lora_adapter(request: Request) -> JSONResponse:
     else:
         record = await anyio.to_thread.run_sync(manager.adapters.get, name)
     async with manager.hold(record.base_variant) as served:
-        lm = served.base if isinstance(served, AdapterModel) else served
+        lm = served.base
         if not isinstance(lm.engine, ServesLora):
             raise InvalidRequestError(f"model '{lm.alias}' ({lm.engine.info.engine}) does not serve LoRA "
                                       "adapters", param="lora_name")
-        engine = lm.engine
-        await anyio.to_thread.run_sync(engine.preload_lora, LoraRef(record.name, record.path, record.sha256))
+        ref = LoraRef(record.name, record.path, record.sha256)
+        await anyio.to_thread.run_sync(lm.engine.preload_lora, ref)
     return JSONResponse({"object": "lora_adapter", "lora_name": record.name, "model": record.model_name,
                          "parent": record.base, "loaded": True,
                          "message": f"Success: LoRA adapter '{record.name}' added successfully."})
