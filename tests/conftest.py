@@ -16,16 +16,25 @@ from tests.support.serving import DRAINED_EXIT_CODES, ServerProcess
 TEST_SERVER_ARGS = ("--n-threads", "1")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One real server for most API tests: default settings, fresh cache, SmolLM2 preloaded."""
-    root = tmp_path_factory.mktemp("shared-server")
+def _shared_server(factory: pytest.TempPathFactory, name: str, *args: str) -> Iterator[ServerProcess]:
+    """A session-wide real server on SmolLM2 with ``args``; it must exit cleanly at teardown."""
+    root = factory.mktemp(name)
     proc = ServerProcess(
-        cache_dir=root / "cache", log_path=root / "server.log", extra_args=list(TEST_SERVER_ARGS)
+        cache_dir=root / "cache", log_path=root / "server.log", extra_args=[*TEST_SERVER_ARGS, *args]
     ).start()
     yield proc
     rc = proc.stop()
     assert rc in DRAINED_EXIT_CODES, f"server exited with {rc}:\n{proc.log()[-3000:]}"
+
+
+def _openai(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=180)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real server for most API tests: default settings, fresh cache, SmolLM2 preloaded."""
+    yield from _shared_server(tmp_path_factory, "shared-server")
 
 
 @pytest.fixture(scope="session")
@@ -35,14 +44,7 @@ def det_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     cache). The default mode's shared KV pool does not promise that: a sequence's attention runs
     over whatever else the pool holds, and its last bits (so, on a near tie, a greedy token) vary
     with it, as in llama.cpp's own server with a unified KV cache."""
-    root = tmp_path_factory.mktemp("det-server")
-    proc = ServerProcess(
-        cache_dir=root / "cache", log_path=root / "server.log",
-        extra_args=[*TEST_SERVER_ARGS, "--deterministic"],
-    ).start()
-    yield proc
-    rc = proc.stop()
-    assert rc in DRAINED_EXIT_CODES, f"server exited with {rc}:\n{proc.log()[-3000:]}"
+    yield from _shared_server(tmp_path_factory, "det-server", "--deterministic")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +54,7 @@ def det_base_url(det_server: ServerProcess) -> str:
 
 @pytest.fixture(scope="session")
 def det_client(det_base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=det_base_url + "/v1", api_key="x", max_retries=0, timeout=180)
+    return _openai(det_base_url)
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +64,7 @@ def base_url(server: ServerProcess) -> str:
 
 @pytest.fixture(scope="session")
 def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=180)
+    return _openai(base_url)
 
 
 @pytest.fixture(scope="session")

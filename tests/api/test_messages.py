@@ -30,15 +30,19 @@ WEATHER: dict[str, Any] = {
 }
 
 
+def _claude(base_url: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0, timeout=180)
+
+
 @pytest.fixture(scope="module")
 def det_claude(det_base_url: str) -> anthropic.Anthropic:
     """On the deterministic-mode server, for tests comparing two requests' greedy tokens."""
-    return anthropic.Anthropic(base_url=det_base_url, api_key="x", max_retries=0, timeout=180)
+    return _claude(det_base_url)
 
 
 @pytest.fixture(scope="module")
 def claude(base_url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0, timeout=180)
+    return _claude(base_url)
 
 
 def assert_anthropic_error(r: httpx.Response, status: int, type_: str) -> str:
