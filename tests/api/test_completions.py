@@ -24,7 +24,8 @@ def test_string_prompt(client: openai.OpenAI) -> None:
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_list_prompt_gives_one_choice_each(client: openai.OpenAI) -> None:
+def test_list_prompt_gives_one_choice_each(det_client: openai.OpenAI) -> None:
+    client = det_client  # compares batched and alone greedy tokens (tests/conftest.py: det_server)
     prompts = ["Once upon a time", "The sky is"]
     singles = [
         client.completions.create(model=SMOLLM, prompt=p, max_tokens=5, temperature=0) for p in prompts
