@@ -30,11 +30,9 @@ def new_id(prefix: str) -> str:
 
 
 class ModelSource(Protocol):
-    async def get(self, name: str, *, ep: str | None = None, ttl: float | None = None) -> ServedModel: ...
-
     def hold(self, name: str, *, ep: str | None = None,
              ttl: float | None = None) -> AbstractAsyncContextManager[ServedModel]:
-        """:meth:`get`, with the model kept loaded until the block ends."""
+        """The model ``name`` designates (loaded on demand), kept loaded until the block ends."""
         ...
 
 
