@@ -165,9 +165,11 @@ class Settings(BaseSettings):
         "OLLAMA_KV_CACHE_TYPE): q8_0 halves the KV memory, q4_0 quarters it, at some fidelity cost.")
     prompt_cache_mib: int | None = Field(
         None, ge=0, description="Host memory per model for KV states of finished requests (0: off). "
-        "With the shared KV pool, finished requests stay in the pool's free cells first.",
+        "With the shared KV pool, finished requests stay in the pool's free cells first. ONNX "
+        "models: the KV of finished greedy requests' generators, reused for prompts that start "
+        "alike.",
         json_schema_extra={"default_doc": "0 with the shared KV pool; per-slot streams: 1/8 of the KV "
-                                          "cache, at most 256"})
+                                          "cache, at most 256; ONNX: 64"})
     deterministic: bool = Field(
         False, description="Deterministic mode: at temperature 0 or with a seed, the same request "
         "gives the same tokens whatever else runs, is cached or arrived first (llama.cpp on the "

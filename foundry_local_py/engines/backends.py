@@ -31,6 +31,8 @@ DEFAULT_CONTEXT = 4096
 mode) unless a setting says otherwise (Ollama's default): its KV cache holds ``max_batch`` of
 these, so a small model's full 8k-32k would cost hundreds of MB."""
 
+ONNX_KEPT_BYTES = 64 << 20
+"""Default KV memory per ONNX model held by finished greedy sequences for prefix reuse."""
 KV_POOL_MIN = 4096
 KV_POOL_MAX = 16384
 KV_POOL_MEMORY_SHARE = 8
@@ -318,13 +320,19 @@ def _load_onnx(path: Path, options: EngineOptions) -> Engine:
         raise ModelLoadError("onnxruntime-genai is not installed; install foundry-local-py[onnx]") from exc
     return OrtGenaiEngine(path, OrtGenaiOptions(
         execution_provider=options.execution_provider, max_batch=options.max_batch,
-        n_ctx=options.n_ctx, n_threads=options.n_threads,
+        n_ctx=options.n_ctx, n_threads=options.n_threads, kept_bytes=_onnx_kept_bytes(options),
     ))
+
+
+def _onnx_kept_bytes(options: EngineOptions) -> int:
+    """KV memory of finished greedy sequences kept for prefix reuse (``prompt_cache_mib``)."""
+    return ONNX_KEPT_BYTES if options.prompt_cache_bytes is None else options.prompt_cache_bytes
 
 
 def _estimate_onnx(path: Path, options: EngineOptions) -> MemoryEstimate:
     """Weights from the folder; KV from genai_config.json (layers x kv heads x head size, fp16
-    unless the model is fp32), for every slot at the full context."""
+    unless the model is fp32), for every slot at the full context; the generators kept for
+    prefix reuse."""
     try:
         cfg = json.loads((path / "genai_config.json").read_text(encoding="utf-8")).get("model", {})
         dec = cfg.get("decoder", {})
@@ -337,7 +345,8 @@ def _estimate_onnx(path: Path, options: EngineOptions) -> MemoryEstimate:
         n_ctx_train = DEFAULT_CONTEXT
     n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CONTEXT)
     per_token = 2 * layers * kv_heads * head * 2
-    return MemoryEstimate(size_on_disk(path), per_token * n_ctx * options.max_batch)
+    return MemoryEstimate(size_on_disk(path), per_token * n_ctx * options.max_batch,
+                          _onnx_kept_bytes(options))
 
 
 LLAMA_CPP = Backend(
@@ -366,6 +375,7 @@ ONNX_GENAI = Backend(
     capabilities=Capabilities(
         sampling=frozenset({"temperature", "top_p", "top_k", "seed", "repeat_penalty"}),
         constraints=True,
+        prefix_cache=True,
         # Not shown batch-invariant: its batching engine decides how sequences share kernels.
         deterministic=False,
     ),

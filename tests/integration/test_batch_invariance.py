@@ -5,7 +5,8 @@ The GGUF (llama.cpp) engine has the same property checked in tests/reliability/t
 Property: N=8 greedy requests of mixed prompts submitted together through the real Scheduler
 return exactly (text, finish reason, token count) what each returns when it runs alone. A second
 scenario makes them arrive staggered (each while the earlier ones are decoding), so requests join
-running batches / open new lanes mid-flight.
+running batches / open new lanes mid-flight. The requests run alone go one after another to an
+idle runner, so they run on generators that reuse each other's prefix (the system prompt).
 
 Admission: the static og.Engine starts at most a few requests per batch (4 in
 onnxruntime-genai 0.18, whatever max_batch_size says); requests beyond that used to wait inside
@@ -139,6 +140,68 @@ def test_onnx_lanes_start_every_admitted_request_at_once(engine: Engine) -> None
         assert second >= {f"r{i}" for i in range(1, N)}
     finally:
         runner.close()
+
+
+def _alone(runner: Any, rid: str, prompt: list[int]) -> tuple[list[int], int]:
+    """(greedy tokens, prompt tokens taken from a kept prefix) of one request run alone."""
+    cached = runner.add(GenerationRequest(rid, prompt, MAX_TOKENS, GREEDY))
+    tokens: list[int] = []
+    try:
+        while len(tokens) < MAX_TOKENS:
+            outs = [o for o in runner.step() if o.request_id == rid]
+            assert all(isinstance(o, TokenOutput) for o in outs), outs
+            if any(o.end_of_generation for o in outs if isinstance(o, TokenOutput)):
+                tokens += [o.token_id for o in outs if isinstance(o, TokenOutput) and not o.end_of_generation]
+                break
+            tokens += [o.token_id for o in outs if isinstance(o, TokenOutput)]
+    finally:
+        runner.remove(rid)
+    return tokens[:MAX_TOKENS], cached
+
+
+def test_a_reused_prefix_gives_the_tokens_of_a_fresh_prefill(engine: Engine) -> None:
+    """Prefix reuse on the ONNX engine: a greedy request on an idle runner runs on a generator
+    that is kept when it ends; a later prompt starting alike rewinds it and prefills the rest.
+    A repeat, a second turn extending the first, and prompts sharing only the system prompt
+    (reused once the kept generators fill their budget) each return exactly what the engine
+    without reuse (og.Engine lanes) returns, and report the reused tokens."""
+    from foundry_local_py.engines.onnx_genai import MIN_FRESH, MIN_REUSE
+
+    spec = engine.chat_template()
+    assert spec is not None
+    template = ChatTemplate(spec.source, bos_token=spec.bos_token, eos_token=spec.eos_token)
+    prompts = _prompts(engine)
+    fresh = backend_for("onnx").load(engine.info.model_path,
+                                     EngineOptions(n_threads=2, max_batch=N, prompt_cache_bytes=0))
+    try:
+        plain = fresh.create_runner()
+        first, cached = _alone(plain, "f0", prompts[0])
+        assert cached == 0 and first
+        reply = engine.detokenize(first).decode("utf-8", "replace")
+        turn2 = engine.tokenize(template.render([
+            {"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": "Say that again in other words."}]), add_special=False)
+        assert turn2[:len(prompts[0])] == prompts[0]
+        asks = [prompts[0], prompts[0], prompts[1], turn2, *prompts[2:6]]
+        want = [first] + [_alone(plain, f"f{i}", p)[0] for i, p in enumerate(asks[1:], 1)]
+        plain.close()
+    finally:
+        fresh.close()
+
+    runner = engine.create_runner()
+    try:
+        got = [_alone(runner, f"r{i}", p) for i, p in enumerate(asks)]
+    finally:
+        runner.close()
+    assert [tokens for tokens, _ in got] == want
+    cached = [c for _, c in got]
+    assert cached[0] == 0
+    assert cached[1] == len(prompts[0]) - MIN_FRESH, "a repeat reuses all but the last tokens"
+    assert cached[2] == 0, "another question does not take the first one's generator while there is room"
+    assert cached[3] == len(prompts[0]), "the second turn reuses the first turn's prompt"
+    system = [c for c in cached[4:] if c]
+    assert system, "once the budget is full, a new question reuses a kept system prompt"
+    assert all(MIN_REUSE <= c < 30 for c in system), cached
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
