@@ -26,7 +26,9 @@ The static engine also refuses per-request seeds, so seeded sampling requests go
 generator inside the engine runner (same protocol, same ``max_batch``).
 
 Prefix reuse (og.Engine requests keep no KV between requests): a greedy request that arrives when
-nothing else runs also goes to a generator, which decodes alone as fast as a lane. When it ends
+nothing else runs, and no two sequences ran together in the last 2 s, also goes to a generator,
+which decodes alone as fast as a lane (under concurrency lanes batch: a generator beside a lane
+costs a model run of its own every step, 20% of c=4 throughput measured). When it ends
 the generator is kept (``prompt_cache_mib`` of KV per model, default 64); a later greedy prompt
 sharing 16 or more tokens with a kept one rewinds that generator to the shared prefix and
 prefills only the rest. The rest is always at least 2 tokens: onnxruntime's kernels compute a
@@ -51,6 +53,7 @@ import logging
 import re
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +99,9 @@ bitwise the same result whatever rows surround it)."""
 CAPACITY_STEP = 256
 """A reusable generator's KV buffer is sized up to a multiple of this, so a later prompt that
 extends its own fits in it."""
+QUIET_S = 2.0
+"""Requests go to reusable generators only after this long without two sequences running
+together (one user, or an agent loop, at a time)."""
 
 _FLAG_TOKEN = int(og.EngineEventFlags.TOKEN.value)
 _FLAG_FINISHED = int(og.EngineEventFlags.TURN_FINISHED.value)
@@ -505,7 +511,9 @@ class _EngineRunner:
         """Most requests one lane takes: more would wait in the engine for the whole batch."""
         self._by_request: dict[str, _Seq] = {}
         self._solo = _GeneratorRunner(owner)
-        """Requests the static engine cannot take (per-request seeds)."""
+        """Requests the static engine cannot take (per-request seeds), and prefix reuse."""
+        self._crowded_at = -QUIET_S
+        """When two or more sequences last ran together (monotonic seconds)."""
 
     def _new_lane(self) -> _Lane:
         engine = og.Engine(self.owner.model)
@@ -540,9 +548,13 @@ class _EngineRunner:
         if not self._continuous and sp.temperature > 0.0 and sp.seed is not None:
             # "A per-turn seed requires an Engine configured for dynamic batching"
             return self._solo.add(request)
-        if self._solo.reuses(request) and not self._by_request and not self._solo.active():
-            # Alone: a generator decodes as fast as a lane, and can reuse a kept prefix (and
-            # leave its own for the next request); with others running, lanes batch them.
+        now = time.monotonic()
+        if self._by_request or self._solo.active():
+            self._crowded_at = now
+        elif self._solo.reuses(request) and now - self._crowded_at >= QUIET_S:
+            # One request at a time: a generator decodes as fast as a lane, and can reuse a kept
+            # prefix (and leave its own for the next request). Under concurrency, lanes batch
+            # requests: a generator beside a lane would cost a model run of its own every step.
             return self._solo.add(request)
         budget = _budget(self.owner, request)
         guidance = constraint_to_guidance(sp.constraint) if sp.constraint is not None else None

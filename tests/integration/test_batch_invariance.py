@@ -191,6 +191,15 @@ def test_a_reused_prefix_gives_the_tokens_of_a_fresh_prefill(engine: Engine) -> 
     runner = engine.create_runner()
     try:
         got = [_alone(runner, f"r{i}", p) for i, p in enumerate(asks)]
+        # Under concurrency requests go to og.Engine lanes, which batch them: two together, then
+        # one more at once, is not "one at a time" (a generator would cost a run of its own).
+        assert runner.add(GenerationRequest("x", asks[0], MAX_TOKENS, GREEDY)) > 0
+        assert runner.add(GenerationRequest("y", asks[0], MAX_TOKENS, GREEDY)) == 0
+        runner.remove("x")
+        runner.remove("y")
+        assert runner.add(GenerationRequest("z", asks[0], MAX_TOKENS, GREEDY)) == 0
+        assert runner._solo.active() == 0
+        runner.remove("z")
     finally:
         runner.close()
     assert [tokens for tokens, _ in got] == want
