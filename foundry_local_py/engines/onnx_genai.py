@@ -26,7 +26,7 @@ The static engine also refuses per-request seeds, so seeded sampling requests go
 generator inside the engine runner (same protocol, same ``max_batch``).
 
 Prefix reuse (og.Engine requests keep no KV between requests): a greedy request that arrives when
-nothing else runs, and no two sequences ran together in the last 2 s, also goes to a generator,
+nothing else runs, and no two sequences ran together in the last 30 s, also goes to a generator,
 which decodes alone as fast as a lane (under concurrency lanes batch: a generator beside a lane
 costs a model run of its own every step, 20% of c=4 throughput measured). When it ends
 the generator is kept (``prompt_cache_mib`` of KV per model, default 64); a later greedy prompt
@@ -99,9 +99,10 @@ bitwise the same result whatever rows surround it)."""
 CAPACITY_STEP = 256
 """A reusable generator's KV buffer is sized up to a multiple of this, so a later prompt that
 extends its own fits in it."""
-QUIET_S = 2.0
+QUIET_S = 30.0
 """Requests go to reusable generators only after this long without two sequences running
-together (one user, or an agent loop, at a time)."""
+together: one user, or an agent loop, at a time. A burst after a shorter pause is taken as the
+traffic it is (a generator beside a lane costs a model run of its own every step)."""
 
 _FLAG_TOKEN = int(og.EngineEventFlags.TOKEN.value)
 _FLAG_FINISHED = int(og.EngineEventFlags.TURN_FINISHED.value)
