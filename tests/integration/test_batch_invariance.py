@@ -119,12 +119,13 @@ def test_greedy_requests_batched_return_what_they_return_alone(engine: Engine, s
 
 
 def test_onnx_lanes_start_every_admitted_request_at_once(engine: Engine) -> None:
-    from foundry_local_py.engines.onnx_genai import OrtGenaiEngine, _EngineRunner
+    from foundry_local_py.engines.onnx_genai import OrtGenaiEngine
+    from foundry_local_py.engines.onnx_genai.lanes import EngineRunner
 
     assert isinstance(engine, OrtGenaiEngine)
     prompts = _prompts(engine)
     runner = engine.create_runner()
-    assert isinstance(runner, _EngineRunner)
+    assert isinstance(runner, EngineRunner)
     try:
         cap = engine.static_batch_size()
         assert 1 <= runner.lane_size == cap <= N
@@ -165,7 +166,7 @@ def test_a_reused_prefix_gives_the_tokens_of_a_fresh_prefill(engine: Engine) -> 
     A repeat, a second turn extending the first, and prompts sharing only the system prompt
     (reused once the kept generators fill their budget) each return exactly what the engine
     without reuse (og.Engine lanes) returns, and report the reused tokens."""
-    from foundry_local_py.engines.onnx_genai import MIN_FRESH, MIN_REUSE
+    from foundry_local_py.engines.onnx_genai.generators import MIN_FRESH, MIN_REUSE
 
     spec = engine.chat_template()
     assert spec is not None

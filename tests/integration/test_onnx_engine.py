@@ -385,7 +385,7 @@ def test_generator_fallback_runner_matches_the_engine(
     prompt = chat_ids(engine, template, "Name three colors.")
     try:
         runner = gen_engine.create_runner()
-        assert type(runner).__name__ == "_GeneratorRunner"
+        assert type(runner).__name__ == "GeneratorRunner"
         try:
             via_generator, _ = run_alone(runner, "g", prompt, 40)
             runner.add(GenerationRequest("x", prompt, 40, GREEDY))

@@ -10,13 +10,8 @@ import pytest
 pytest.importorskip("onnxruntime_genai")
 
 from foundry_local_py.engines.base import Constraint, SequenceFailure, TokenOutput
-from foundry_local_py.engines.onnx_genai import (
-    _Budget,
-    _finish_outputs,
-    _scrub,
-    constraint_to_guidance,
-    read_chat_template,
-)
+from foundry_local_py.engines.onnx_genai import constraint_to_guidance, read_chat_template
+from foundry_local_py.engines.onnx_genai.common import Budget, finish_outputs, scrub
 from foundry_local_py.errors import ContextLengthExceededError, EngineError, ModelLoadError
 
 
@@ -51,9 +46,9 @@ def test_no_template_and_broken_config(tmp_path: Path) -> None:
 
 
 def test_scrub_removes_paths() -> None:
-    msg = _scrub("Failed to load library: /opt/x/libonnxruntime-genai-cuda.so: cannot open shared object")
+    msg = scrub("Failed to load library: /opt/x/libonnxruntime-genai-cuda.so: cannot open shared object")
     assert "/opt" not in msg and "cannot open" in msg
-    assert "C:\\Users" not in _scrub("error at C:\\Users\\me\\model.onnx here")
+    assert "C:\\Users" not in scrub("error at C:\\Users\\me\\model.onnx here")
 
 
 def test_constraint_to_guidance() -> None:
@@ -63,13 +58,13 @@ def test_constraint_to_guidance() -> None:
 
 
 def test_finish_reasons_map_to_scheduler_outputs() -> None:
-    room = _Budget(max_new=10, session=20, ctx_limited=False)
-    tight = _Budget(max_new=4, session=24, ctx_limited=True)
-    (eos,) = _finish_outputs("r", "EOS", room, 2)
+    room = Budget(max_new=10, session=20, ctx_limited=False)
+    tight = Budget(max_new=4, session=24, ctx_limited=True)
+    (eos,) = finish_outputs("r", "EOS", room, 2)
     assert isinstance(eos, TokenOutput) and eos.end_of_generation and eos.token_id == 2
-    (done,) = _finish_outputs("r", "MAX_GENERATED_TOKENS", room, 2)
+    (done,) = finish_outputs("r", "MAX_GENERATED_TOKENS", room, 2)
     assert isinstance(done, TokenOutput) and done.end_of_generation
-    (ctx,) = _finish_outputs("r", "MAX_SESSION_TOKENS", tight, 2)
+    (ctx,) = finish_outputs("r", "MAX_SESSION_TOKENS", tight, 2)
     assert isinstance(ctx, SequenceFailure) and isinstance(ctx.error, ContextLengthExceededError)
-    (failed,) = _finish_outputs("r", "FAILED", room, 2)
+    (failed,) = finish_outputs("r", "FAILED", room, 2)
     assert isinstance(failed, SequenceFailure) and isinstance(failed.error, EngineError)
