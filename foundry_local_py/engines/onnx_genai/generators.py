@@ -90,9 +90,10 @@ class GeneratorRunner:
         self._seqs: dict[str, _GenSeq] = {}
         self._kept: list[_Kept] = []
         """Least recently used first."""
-        per_token = max(owner.kv_bytes_per_token, 1)
-        self._kept_tokens = owner.options.kept_bytes // per_token
-        """Bound on the kept generators' capacities (0: no reuse)."""
+        per_token = owner.kv_bytes_per_token
+        self._kept_tokens = owner.options.kept_bytes // per_token if per_token > 0 else 0
+        """Bound on the kept generators' capacities (0: no reuse, also when the model's config
+        does not say how large its KV is)."""
 
     def active(self) -> int:
         return len(self._seqs)
