@@ -68,3 +68,24 @@ def test_finish_reasons_map_to_scheduler_outputs() -> None:
     assert isinstance(ctx, SequenceFailure) and isinstance(ctx.error, ContextLengthExceededError)
     (failed,) = finish_outputs("r", "FAILED", room, 2)
     assert isinstance(failed, SequenceFailure) and isinstance(failed.error, EngineError)
+
+
+@pytest.mark.parametrize(("kv_bytes", "kept_bytes", "reuses"), [
+    (46_080, 64 << 20, True),   # SmolLM2's fp32 KV: ~1,456 tokens of budget
+    (46_080, 0, False),         # --prompt-cache-mib 0
+    (46_080, 4 << 20, False),   # less than one generator's smallest buffer
+    (0, 64 << 20, False),       # the config does not give the KV size: no budget to keep
+])
+def test_prefix_reuse_is_offered_only_with_a_budget(kv_bytes: int, kept_bytes: int, reuses: bool) -> None:
+    from types import SimpleNamespace
+
+    from foundry_local_py.engines.base import GenerationRequest, SamplingParams
+    from foundry_local_py.engines.onnx_genai.generators import GeneratorRunner
+
+    owner = SimpleNamespace(kv_bytes_per_token=kv_bytes,
+                            options=SimpleNamespace(max_batch=8, kept_bytes=kept_bytes))
+    runner = GeneratorRunner(owner)  # type: ignore[arg-type]
+    greedy = GenerationRequest("g", [1, 2, 3], 8, SamplingParams(temperature=0.0))
+    sampled = GenerationRequest("s", [1, 2, 3], 8, SamplingParams(temperature=0.7))
+    assert runner.reuses(greedy) is reuses
+    assert runner.reuses(sampled) is False
