@@ -17,6 +17,7 @@ token in the runner's first step, and one added while lanes run gets one in the 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def test_greedy_requests_batched_return_what_they_return_alone(engine: Engine, s
 
 def test_onnx_lanes_start_every_admitted_request_at_once(engine: Engine) -> None:
     from foundry_local_py.engines.onnx_genai import OrtGenaiEngine
-    from foundry_local_py.engines.onnx_genai.lanes import EngineRunner
+    from foundry_local_py.engines.onnx_genai.lanes import GATHER_S, EngineRunner
 
     assert isinstance(engine, OrtGenaiEngine)
     prompts = _prompts(engine)
@@ -129,6 +130,7 @@ def test_onnx_lanes_start_every_admitted_request_at_once(engine: Engine) -> None
     try:
         cap = engine.static_batch_size()
         assert 1 <= runner.lane_size == cap <= N
+        runner._crowded_at = time.monotonic()  # traffic: lanes only (no prefix-reuse generator)
         for i, p in enumerate(prompts):
             runner.add(GenerationRequest(f"r{i}", p, MAX_TOKENS, GREEDY))
         assert all(len(lane.members) <= cap for lane in runner._lanes)
@@ -136,9 +138,32 @@ def test_onnx_lanes_start_every_admitted_request_at_once(engine: Engine) -> None
         assert first == {f"r{i}" for i in range(N)}, "every admitted request gets its first token in step one"
         runner.remove("r0")
         runner.add(GenerationRequest("late", prompts[0], MAX_TOKENS, GREEDY))
+        time.sleep(GATHER_S)  # a lane that is not full waits this long for company, no longer
         second = {o.request_id for o in runner.step()}
         assert "late" in second and "r0" not in second
         assert second >= {f"r{i}" for i in range(1, N)}
+    finally:
+        runner.close()
+
+
+def test_onnx_requests_arriving_together_share_a_lane(engine: Engine) -> None:
+    """A lane that is not full starts GATHER_S after its first request, so requests arriving a
+    moment apart share it (one model run a step) instead of each starting a lane of its own."""
+    from foundry_local_py.engines.onnx_genai.lanes import GATHER_S, EngineRunner
+
+    prompts = _prompts(engine)
+    runner = engine.create_runner()
+    assert isinstance(runner, EngineRunner)
+    try:
+        runner._crowded_at = time.monotonic()  # traffic, not one request at a time
+        runner.add(GenerationRequest("a", prompts[0], MAX_TOKENS, GREEDY))
+        assert runner.step() == [], "a lone request waits for company"
+        runner.add(GenerationRequest("b", prompts[1], MAX_TOKENS, GREEDY))
+        runner.add(GenerationRequest("c", prompts[2], MAX_TOKENS, GREEDY))
+        busy = [lane for lane in runner._lanes if lane.members]
+        assert len(busy) == 1 and len(busy[0].members) == 3
+        time.sleep(GATHER_S)
+        assert {o.request_id for o in runner.step()} == {"a", "b", "c"}
     finally:
         runner.close()
 
