@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,9 +231,12 @@ def test_four_concurrent_requests_get_their_own_answers(
 
 
 def test_cancelling_frees_the_slot_in_the_runner(engine: OrtGenaiEngine, template: ChatTemplate) -> None:
+    from foundry_local_py.engines.onnx_genai.lanes import GATHER_S
+
     eng2 = OrtGenaiEngine(engine.path, OrtGenaiOptions(max_batch=2))
     runner = eng2.create_runner()
     try:
+        runner._crowded_at = time.monotonic()  # traffic: lanes only (no prefix-reuse generator)
         story = chat_ids(engine, template, "Write a long story about a dragon.")
         runner.add(GenerationRequest("a", story, 300, GREEDY))
         runner.add(GenerationRequest("b", story, 300, GREEDY))
@@ -240,6 +244,7 @@ def test_cancelling_frees_the_slot_in_the_runner(engine: OrtGenaiEngine, templat
             assert {o.request_id for o in runner.step()} == {"a", "b"}
         runner.remove("a")
         runner.add(GenerationRequest("c", chat_ids(engine, template, "Say hello."), 20, GREEDY))
+        time.sleep(GATHER_S)  # a lane that is not full waits this long for company, no longer
         seen: list[set[str]] = []
         for _ in range(3):
             seen.append({o.request_id for o in runner.step()})
