@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InvalidRequestError, ModelLoadError
 
@@ -329,22 +329,26 @@ def _onnx_kept_bytes(options: EngineOptions) -> int:
     return ONNX_KEPT_BYTES if options.prompt_cache_bytes is None else options.prompt_cache_bytes
 
 
+def onnx_kv_values(decoder: Mapping[str, Any]) -> int:
+    """K and V values one token holds in every layer, from genai_config.json's ``model.decoder``
+    (2 x layers x KV heads x head size); ValueError or TypeError when a field is not a number."""
+    return (2 * int(decoder.get("num_hidden_layers", 0)) * int(decoder.get("num_key_value_heads", 0))
+            * int(decoder.get("head_size", 0)))
+
+
 def _estimate_onnx(path: Path, options: EngineOptions) -> MemoryEstimate:
     """Weights from the folder; KV from genai_config.json (layers x kv heads x head size, fp16
     unless the model is fp32), for every slot at the full context; the generators kept for
     prefix reuse."""
     try:
         cfg = json.loads((path / "genai_config.json").read_text(encoding="utf-8")).get("model", {})
-        dec = cfg.get("decoder", {})
-        layers = int(dec.get("num_hidden_layers", 0))
-        kv_heads = int(dec.get("num_key_value_heads", 0))
-        head = int(dec.get("head_size", 0))
+        values = onnx_kv_values(cfg.get("decoder", {}))
         n_ctx_train = int(cfg.get("context_length") or DEFAULT_CONTEXT)
     except (OSError, ValueError, TypeError, AttributeError):
-        layers = kv_heads = head = 0
+        values = 0
         n_ctx_train = DEFAULT_CONTEXT
     n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CONTEXT)
-    per_token = 2 * layers * kv_heads * head * 2
+    per_token = values * 2
     return MemoryEstimate(size_on_disk(path), per_token * n_ctx * options.max_batch,
                           _onnx_kept_bytes(options))
 

@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime_genai as og
 
 from ...errors import EngineError, InvalidRequestError, ModelLoadError
-from ..backends import ONNX_GENAI, ONNX_KEPT_BYTES
+from ..backends import ONNX_GENAI, ONNX_KEPT_BYTES, onnx_kv_values
 from ..base import ChatTemplateSpec, Constraint, EngineInfo
 from .common import constraint_to_guidance, is_grammar_error, scrub
 from .generators import GeneratorRunner
@@ -193,10 +193,11 @@ class OrtGenaiEngine:
         device_type = str(getattr(self._model, "device_type", "") or "").lower()
         if device_type == "cpu":
             device = "cpu"
-        decoder = model_cfg.get("decoder") or {}
-        kv_width = 2 * int(decoder.get("num_hidden_layers") or 0) * int(
-            decoder.get("num_key_value_heads") or 0) * int(decoder.get("head_size") or 0)
-        self.kv_bytes_per_token = kv_width * (4 if device == "cpu" else 2)
+        try:
+            kv_values = onnx_kv_values(model_cfg.get("decoder") or {})
+        except (ValueError, TypeError):
+            kv_values = 0  # unknown: no prefix reuse (its budget could not be kept)
+        self.kv_bytes_per_token = kv_values * (4 if device == "cpu" else 2)
         """KV bytes one token takes in every layer (fp32 on the CPU, fp16 elsewhere)."""
         self.info = EngineInfo(
             engine="onnxruntime-genai",

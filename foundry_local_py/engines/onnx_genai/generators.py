@@ -112,10 +112,6 @@ class GeneratorRunner:
         """True when this request's generator would be kept for reuse when it ends."""
         return self._kept_tokens >= CAPACITY_STEP and reuse_key(request.sampling) is not None
 
-    def kept(self) -> int:
-        """Generators kept for prefix reuse."""
-        return len(self._kept)
-
     def add(self, request: GenerationRequest) -> int:
         if request.request_id in self._seqs:
             raise EngineError("duplicate request id")

@@ -124,7 +124,6 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 async def count_tokens(request: Request) -> JSONResponse:
     """Foundry Local's token counter: the chat request's prompt length in tokens, rendered by the
     same renderer as the chat itself (so it equals ``usage.prompt_tokens``)."""
-
     core = get_core(request)
     body = await parse_body(request, ChatCompletionRequest, core.settings)
     ask = chat_ask(body)
