@@ -34,6 +34,7 @@ from foundry_local_py.scheduler.scheduler import (
     Scheduler,
     TextEvent,
 )
+from tests.support.runners import drive_alone
 
 pytestmark = pytest.mark.slow
 
@@ -170,19 +171,8 @@ def test_onnx_requests_arriving_together_share_a_lane(engine: Engine) -> None:
 
 def _alone(runner: Any, rid: str, prompt: list[int]) -> tuple[list[int], int]:
     """(greedy tokens, prompt tokens taken from a kept prefix) of one request run alone."""
-    cached = runner.add(GenerationRequest(rid, prompt, MAX_TOKENS, GREEDY))
-    tokens: list[int] = []
-    try:
-        while len(tokens) < MAX_TOKENS:
-            outs = [o for o in runner.step() if o.request_id == rid]
-            assert all(isinstance(o, TokenOutput) for o in outs), outs
-            if any(o.end_of_generation for o in outs if isinstance(o, TokenOutput)):
-                tokens += [o.token_id for o in outs if isinstance(o, TokenOutput) and not o.end_of_generation]
-                break
-            tokens += [o.token_id for o in outs if isinstance(o, TokenOutput)]
-    finally:
-        runner.remove(rid)
-    return tokens[:MAX_TOKENS], cached
+    outputs, _, cached = drive_alone(runner, GenerationRequest(rid, prompt, MAX_TOKENS, GREEDY))
+    return [out.token_id for out in outputs], cached
 
 
 def test_a_reused_prefix_gives_the_tokens_of_a_fresh_prefill(engine: Engine) -> None:

@@ -40,6 +40,7 @@ from foundry_local_py.scheduler.scheduler import (
     Scheduler,
     TextEvent,
 )
+from tests.support.runners import drive_alone
 
 pytestmark = [pytest.mark.onnx, pytest.mark.slow]
 
@@ -79,26 +80,9 @@ def chat_ids(engine: OrtGenaiEngine, template: ChatTemplate, text: str) -> list[
 def run_alone(
     runner, rid: str, prompt: list[int], max_tokens: int, sampling: SamplingParams = GREEDY
 ) -> tuple[list[bytes], bool]:
-    """Drive one request through a runner, as the scheduler would (it enforces max_tokens)."""
-    runner.add(GenerationRequest(rid, prompt, max_tokens, sampling))
-    pieces: list[bytes] = []
-    ended = False
-    live = True
-    while live:
-        for out in runner.step():
-            assert out.request_id == rid
-            assert isinstance(out, TokenOutput), out
-            if out.end_of_generation:
-                ended = True
-                runner.remove(rid)
-                live = False
-                break
-            pieces.append(out.piece)
-            if len(pieces) >= max_tokens:
-                runner.remove(rid)
-                live = False
-                break
-    return pieces, ended
+    """One request through a runner, as the scheduler would drive it: (its pieces, ended by EOS)."""
+    outputs, ended, _ = drive_alone(runner, GenerationRequest(rid, prompt, max_tokens, sampling))
+    return [out.piece for out in outputs], ended
 
 
 async def collect(handle: RequestHandle) -> tuple[str, FinishEvent]:
