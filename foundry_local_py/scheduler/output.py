@@ -80,8 +80,14 @@ class OutputProcessor:
         if self.stop:
             cut = self._find_stop()
             if cut is not None:
-                self.finish_reason = "stop"
-                return self._emit(cut, drop_rest=True)
+                opened = self._earliest_open_stop(before=cut)
+                if opened is None:
+                    self.finish_reason = "stop"
+                    return self._emit(cut, drop_rest=True)
+                # A stop string that starts earlier may still complete: the text ends at the
+                # stop that starts first, however the tokens split it, so hold until it is known.
+                if self.completion_tokens < self.max_tokens:
+                    return self._emit(opened)
         if self.completion_tokens >= self.max_tokens:
             self.finish_reason = "length"
             return self._flush(final=True)
@@ -104,6 +110,16 @@ class OutputProcessor:
                 self.stop_sequence = s
         return best
 
+    def _earliest_open_stop(self, *, before: int) -> int | None:
+        """The first offset before ``before`` where the pending text's tail is a proper
+        beginning of some stop string (one that would start earlier than a completed one)."""
+        text = self._pending
+        for j in range(max(0, len(text) - self._max_stop + 1), before):
+            tail = text[j:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self.stop):
+                return j
+        return None
+
     def _stop_prefix_len(self) -> int:
         """Length of the longest suffix of pending text that starts some stop string."""
         text = self._pending
@@ -122,6 +138,7 @@ class OutputProcessor:
         if self.stop and final:
             cut = self._find_stop()
             if cut is not None:
+                self.finish_reason = "stop"
                 return self._emit(cut, drop_rest=True)
         return self._emit(len(self._pending), drop_rest=final)
 

@@ -92,6 +92,9 @@ def _reference_stop(text: str, stops: list[str]) -> str:
 )
 @example(text="hello</s>world", stops=["</s>"], cuts=[6, 7, 8])
 @example(text="aab", stops=["ab"], cuts=[1])
+# A shorter stop completes first inside a longer one that started earlier: cut at the earlier.
+@example(text="\x80éaa", stops=["é", "\x80éa"], cuts=[6276])
+@example(text="xabc", stops=["b", "abc"], cuts=[2, 3])
 def test_stop_strings_cut_at_the_same_place_however_split(
     text: str, stops: list[str], cuts: list[int]
 ) -> None:
