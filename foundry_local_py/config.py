@@ -160,9 +160,11 @@ class Settings(BaseSettings):
         "16384, at most 1/8 of the memory budget.",
         json_schema_extra={"default_doc": "from the model's context and memory"},
     )
-    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
-        "f16", description="KV cache element type (llama.cpp's -ctk/-ctv, Ollama's "
-        "OLLAMA_KV_CACHE_TYPE): q8_0 halves the KV memory, q4_0 quarters it, at some fidelity cost.")
+    kv_cache_type: Literal["auto", "f16", "q8_0", "q4_0", "q8_0/f16"] = Field(
+        "auto", description="KV cache element types (llama.cpp's -ctk/-ctv, Ollama's "
+        "OLLAMA_KV_CACHE_TYPE), for K and V or as K/V. auto: K in q8_0 and V in f16 on the CPU "
+        "(a 24% smaller pool, same speed), f16 on a GPU. q8_0 halves the KV memory, q4_0 "
+        "quarters it, at some fidelity cost; a quantized V halves prefill speed on the CPU.")
     prompt_cache_mib: int | None = Field(
         None, ge=0, description="Host memory per model for KV states of finished requests (0: off). "
         "With the shared KV pool, finished requests stay in the pool's free cells first. ONNX "
@@ -175,6 +177,11 @@ class Settings(BaseSettings):
         "gives the same tokens whatever else runs, is cached or arrived first (llama.cpp on the "
         "CPU only; one KV stream of n_ctx tokens per slot instead of the shared pool, so more "
         "memory; prefills long new prompts ~1.2x slower).")
+    allow_batch_dependent_outputs: bool = Field(
+        False, description="Batch concurrent sequences of a model even where its runtime computes a "
+        "batched sequence's logits differently from the same sequence alone (checked at load; "
+        "e.g. onnxruntime's 4-bit MatMulNBits on AVX2 CPUs). Off: such a model decodes one "
+        "sequence at a time, so every output is what the request gives alone.")
     max_loras: int = Field(
         4, ge=1, description="LoRA adapters kept loaded per model (least recently used idle ones "
         "are freed beyond it; more may be held while requests use them).")

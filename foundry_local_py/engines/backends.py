@@ -40,6 +40,10 @@ KV_POOL_MEMORY_SHARE = 8
 KV_CACHE_TYPES: Mapping[str, float] = MappingProxyType({"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32})
 """KV cache element types (llama.cpp's -ctk / -ctv) and their bytes per element (q8_0 and q4_0
 store blocks of 32 values with one f16 scale)."""
+KV_CACHE_AUTO_CPU = ("q8_0", "f16")
+"""(K, V) types of ``kv_cache_type`` 'auto' on the CPU: K in q8_0 (its dot products with the
+queries run in ggml's q8_0 kernels, as fast as f16 here; the pool 24% smaller), V in f16 (a
+quantized V is dequantized in flash attention, which halves prefill speed on the CPU)."""
 
 SamplingField = Literal[
     "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
@@ -74,6 +78,11 @@ class Capabilities:
     deterministic: bool = False
     """Can run in deterministic mode (``Settings.deterministic``): at temperature 0 or with a seed,
     the same request gives the same tokens whatever else runs, is cached or arrived first."""
+    batching: bool = True
+    """Decodes concurrent sequences in one batch. False for a loaded model whose runtime computes a
+    batched row differently from the same row alone (measured at load; e.g. onnxruntime's 4-bit
+    MatMulNBits on AVX2 CPUs): its sequences then run one at a time, side by side, so each gives
+    what it gives alone (``allow_batch_dependent_outputs`` batches them anyway)."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,10 @@ class EngineOptions:
     """LoRA adapters kept loaded (engines with ``Capabilities.lora_adapters``)."""
     kv_tokens: int | None = None
     """Cells of the shared KV pool; None: derived (:func:`default_kv_tokens`)."""
-    kv_cache_type: str = "f16"
-    """One of :data:`KV_CACHE_TYPES`."""
+    kv_cache_type: str = "auto"
+    """'auto' (:func:`kv_types`), one of :data:`KV_CACHE_TYPES` for K and V, or 'K/V'."""
+    allow_batch_dependent_outputs: bool = False
+    """Batch sequences even where the runtime's batched kernels change their tokens."""
     memory_budget: int | None = None
     """The model manager's memory budget (bytes), which bounds the default pool."""
 
@@ -111,19 +122,41 @@ class KvPlan:
     kv_tokens: int
     """Cells in the whole KV cache."""
     bytes_per_token: int
-    """At the chosen cache type, all layers."""
+    """At the chosen cache types, all layers."""
     prompt_cache_bytes: int
+    cache_types: tuple[str, str] = ("f16", "f16")
+    """(K, V) element types."""
+
+    @property
+    def cache_type(self) -> str:
+        """'f16', or 'q8_0/f16' when K and V differ (as reported by /v1/slots and model info)."""
+        k, v = self.cache_types
+        return k if k == v else f"{k}/{v}"
 
     @property
     def kv_bytes(self) -> int:
         return self.kv_tokens * self.bytes_per_token
 
 
-def kv_bytes_per_token(f16_bytes: int, cache_type: str) -> int:
-    """A token's KV bytes at ``cache_type``, from its size at f16."""
-    if cache_type not in KV_CACHE_TYPES:
-        raise ModelLoadError(f"unknown KV cache type '{cache_type}' (one of {', '.join(KV_CACHE_TYPES)})")
-    return int(f16_bytes * KV_CACHE_TYPES[cache_type] / 2)
+def kv_types(cache_type: str, *, gpu: bool) -> tuple[str, str]:
+    """The (K, V) element types of a ``kv_cache_type`` setting: 'auto' is
+    :data:`KV_CACHE_AUTO_CPU` on the CPU and f16 for both when layers are offloaded (GPU flash
+    attention kernels are built for equal K and V types); 'q8_0' both; 'q8_0/f16' K and V."""
+    if cache_type == "auto":
+        return ("f16", "f16") if gpu else KV_CACHE_AUTO_CPU
+    k, _, v = cache_type.partition("/")
+    types = (k, v or k)
+    for t in types:
+        if t not in KV_CACHE_TYPES:
+            raise ModelLoadError(f"unknown KV cache type '{cache_type}' (auto, one of "
+                                 f"{', '.join(KV_CACHE_TYPES)}, or K/V such as q8_0/f16)")
+    return types
+
+
+def kv_bytes_per_token(f16_bytes: int, types: tuple[str, str]) -> int:
+    """A token's KV bytes with K and V stored as ``types``, from its size at f16 (half K, half V)."""
+    k, v = types
+    return int(f16_bytes * (KV_CACHE_TYPES[k] + KV_CACHE_TYPES[v]) / 4)
 
 
 def default_kv_tokens(n_ctx: int, bytes_per_token: int, memory_budget: int | None) -> int:
@@ -146,7 +179,8 @@ def plan_kv(options: EngineOptions, f16_bytes_per_token: int, n_ctx_train: int, 
     training context capped at :data:`DEFAULT_CONTEXT`). The host prompt cache defaults to none
     with the pool (finished sequences stay in the pool's free cells: the pool is the prefix cache,
     as in vLLM) and to 1/8 of the KV cache's bytes, at most 256 MiB, with per-slot streams."""
-    per_token = kv_bytes_per_token(f16_bytes_per_token, options.kv_cache_type)
+    types = kv_types(options.kv_cache_type, gpu=options.execution_provider != "cpu")
+    per_token = kv_bytes_per_token(f16_bytes_per_token, types)
     if pooled:
         ctx = options.n_ctx or n_ctx_train
         tokens = options.kv_tokens or default_kv_tokens(ctx, per_token, options.memory_budget)
@@ -157,7 +191,7 @@ def plan_kv(options: EngineOptions, f16_bytes_per_token: int, n_ctx_train: int, 
     cache = options.prompt_cache_bytes
     if cache is None:
         cache = 0 if pooled else min(256 << 20, tokens * per_token // 8)
-    return KvPlan(pooled, n_ctx, tokens, per_token, cache)
+    return KvPlan(pooled, n_ctx, tokens, per_token, cache, types)
 
 
 @dataclass(frozen=True)
@@ -321,6 +355,7 @@ def _load_onnx(path: Path, options: EngineOptions) -> Engine:
     return OrtGenaiEngine(path, OrtGenaiOptions(
         execution_provider=options.execution_provider, max_batch=options.max_batch,
         n_ctx=options.n_ctx, n_threads=options.n_threads, kept_bytes=_onnx_kept_bytes(options),
+        allow_batch_dependent_outputs=options.allow_batch_dependent_outputs,
     ))
 
 

@@ -380,7 +380,8 @@ class ModelManager:
                              prompt_cache_bytes=cache,
                              deterministic=s.deterministic, kv_tokens=s.kv_tokens,
                              kv_cache_type=s.kv_cache_type, memory_budget=self.memory_budget(),
-                             max_loras=s.max_loras)
+                             max_loras=s.max_loras,
+                             allow_batch_dependent_outputs=s.allow_batch_dependent_outputs)
 
     async def _load_new(
         self, model: CatalogModel, choice: VariantChoice, ttl: float | None, *, allow_fallback: bool,

@@ -8,6 +8,10 @@ scenario makes them arrive staggered (each while the earlier ones are decoding),
 running batches / open new lanes mid-flight. The requests run alone go one after another to an
 idle runner, so they run on generators that reuse each other's prefix (the system prompt).
 
+Where the runtime computes a batched row differently from the row alone (4-bit MatMulNBits on
+AVX2 CPUs), the engine finds it at load and decodes one sequence at a time: the property holds
+by not batching, and the lane tests below use an engine allowed to batch.
+
 Admission: the static og.Engine starts at most a few requests per batch (4 in
 onnxruntime-genai 0.18, whatever max_batch_size says); requests beyond that used to wait inside
 the engine for the whole batch. Checked deterministically: 8 requests added together all get a
@@ -59,6 +63,20 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     pytest.importorskip("onnxruntime_genai")
     path: Path = request.getfixturevalue(f"smollm2_onnx_{request.param}")
     eng = backend_for("onnx").load(path, EngineOptions(n_threads=2, max_batch=N))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def batching_engine(engine: Engine) -> Iterator[Engine]:
+    """The same model with batching allowed whatever the load-time probe found: the lanes'
+    mechanics (admission, gathering) under test."""
+    from foundry_local_py.engines.onnx_genai import OrtGenaiEngine
+
+    assert isinstance(engine, OrtGenaiEngine)
+    eng = backend_for("onnx").load(engine.path, EngineOptions(n_threads=2, max_batch=N,
+                                                              allow_batch_dependent_outputs=True))
+    assert eng.info.capabilities.batching
     yield eng
     eng.close()
 
@@ -120,10 +138,11 @@ def test_greedy_requests_batched_return_what_they_return_alone(engine: Engine, s
     assert not mismatched, f"{len(mismatched)}/{N} differ from their run alone: {mismatched[:2]}"
 
 
-def test_onnx_lanes_start_every_admitted_request_at_once(engine: Engine) -> None:
+def test_onnx_lanes_start_every_admitted_request_at_once(batching_engine: Engine) -> None:
     from foundry_local_py.engines.onnx_genai import OrtGenaiEngine
     from foundry_local_py.engines.onnx_genai.lanes import GATHER_S, EngineRunner
 
+    engine = batching_engine
     assert isinstance(engine, OrtGenaiEngine)
     prompts = _prompts(engine)
     runner = engine.create_runner()
@@ -147,11 +166,12 @@ def test_onnx_lanes_start_every_admitted_request_at_once(engine: Engine) -> None
         runner.close()
 
 
-def test_onnx_requests_arriving_together_share_a_lane(engine: Engine) -> None:
+def test_onnx_requests_arriving_together_share_a_lane(batching_engine: Engine) -> None:
     """A lane that is not full starts GATHER_S after its first request, so requests arriving a
     moment apart share it (one model run a step) instead of each starting a lane of its own."""
     from foundry_local_py.engines.onnx_genai.lanes import GATHER_S, EngineRunner
 
+    engine = batching_engine
     prompts = _prompts(engine)
     runner = engine.create_runner()
     assert isinstance(runner, EngineRunner)
@@ -229,28 +249,24 @@ def test_a_reused_prefix_gives_the_tokens_of_a_fresh_prefill(engine: Engine) -> 
     assert all(MIN_REUSE <= c < 30 for c in system), cached
 
 
-@pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_matmulnbits_rows_do_not_depend_on_the_batch(request: pytest.FixtureRequest, precision: str) -> None:
-    """The runtime-level half of the property: onnxruntime's MatMulNBits (the quantized matmul of
-    every converted layer, accuracy_level 4) computes a row the same, bit for bit, whether it is
-    alone (M=1, the decode of one request) or among others (M>1, a batched step). If a kernel
-    for M>1 rounded differently on some CPU, batched greedy decoding would drift there: this
-    test names the op instead of leaving a flaky end-to-end mismatch."""
+def _matmulnbits_rows_differ(model_dir: Path) -> list[tuple[int, int, int]]:
+    """(K, N, M) of the model's MatMulNBits shapes (qkv, o_proj, gate/up, down, lm_head; its
+    quantized matmul, accuracy_level 4) where a row computed among M rows differs, bit for bit,
+    from the same row alone (M=1, a lone request's decode step)."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     import numpy as np
     from onnx import TensorProto, helper
 
-    path: Path = request.getfixturevalue(f"smollm2_onnx_{precision}")
-    model = onnx.load(str(path / "model.onnx"))
+    model = onnx.load(str(model_dir / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     shapes: dict[tuple[int, int], tuple[Any, dict[str, Any]]] = {}
-    for node in nodes:  # one node of every (K, N) shape: qkv, o_proj, gate/up, down, lm_head
+    for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         shapes.setdefault((attrs["K"], attrs["N"]), (node, attrs))
     assert len(shapes) >= 4
     rng = np.random.default_rng(0)
+    differ = []
     for (k, n), (node, attrs) in shapes.items():
         graph = helper.make_graph(
             [helper.make_node("MatMulNBits", ["A", *node.input[1:]], ["Y"], domain="com.microsoft", **attrs)],
@@ -259,11 +275,35 @@ def test_matmulnbits_rows_do_not_depend_on_the_batch(request: pytest.FixtureRequ
             [inits[name] for name in node.input[1:] if name in inits])
         op = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                      helper.make_opsetid("com.microsoft", 1)])
+        op.ir_version = 10
         options = ort.SessionOptions()
         options.intra_op_num_threads = 2
         session = ort.InferenceSession(op.SerializeToString(), options, providers=["CPUExecutionProvider"])
         x = rng.standard_normal((N, k)).astype(np.float32)
         alone = np.stack([session.run(None, {"A": x[i:i + 1]})[0][0] for i in range(N)])
-        for m in range(2, N + 1):
-            together = session.run(None, {"A": x[:m]})[0]
-            assert np.array_equal(together, alone[:m]), (precision, k, n, m)
+        differ += [(k, n, m) for m in range(2, N + 1)
+                   if not np.array_equal(session.run(None, {"A": x[:m]})[0], alone[:m])]
+    return differ
+
+
+def test_the_engine_batches_only_where_batched_rows_equal_rows_alone(engine: Engine) -> None:
+    """The runtime-level half of the property. onnxruntime's MatMulNBits may compute a row among
+    others (M>1, a batched step) differently from the same row alone (M=1): measured on this
+    project's AVX2 machine for 4-bit weights (every shape, every accuracy level, onnxruntime
+    1.30-1.32; up to 0.54 in the logits after 30 layers), not for 8-bit, and on an AVX-512
+    machine for neither. That is the int4 divergence of issue 17. The engine measures it at
+    load (:func:`probe_batch_invariance`) and, where rows differ, decodes one sequence at a time
+    (lanes of one): checked here against the op-level comparison on this machine's CPU."""
+    from foundry_local_py.engines.onnx_genai import OrtGenaiEngine
+    from foundry_local_py.engines.onnx_genai.lanes import EngineRunner
+
+    assert isinstance(engine, OrtGenaiEngine)
+    differ = _matmulnbits_rows_differ(engine.path)
+    print(f"\n{engine.path.name}: MatMulNBits (K, N, M) whose rows differ from rows alone: {differ[:6]}")
+    assert engine.info.capabilities.batching == (not differ), differ[:6]
+    runner = engine.create_runner()
+    assert isinstance(runner, EngineRunner)
+    try:
+        assert runner.lane_size == (engine.static_batch_size() if not differ else 1)
+    finally:
+        runner.close()

@@ -113,16 +113,18 @@ def test_llama_decode_without_cells_is_handled_by_the_overflow_rule(small_pool: 
     assert all(len(toks) == 100 for toks, _ in ended.values())
 
 
-def test_q8_0_kv_gives_readable_text_close_to_f16(path: Path) -> None:
+def test_quantized_kv_gives_readable_text_close_to_f16(path: Path) -> None:
+    """q8_0 for K and V, and the default 'auto' (K in q8_0, V in f16 on the CPU)."""
     questions = ["Why is the sky blue?", "What do bees make?", "Name three large rivers.",
                  "How do plants grow?"]
+    per_token = {"f16": 23040, "q8_0": 23040 * 34 // 64, "auto": 23040 // 2 * 34 // 64 + 23040 // 2}
     outputs: dict[str, list[list[int]]] = {}
     texts: list[str] = []
-    for kind in ("f16", "q8_0"):
+    for kind in ("f16", "q8_0", "auto"):
         engine = LlamaCppEngine(path, LlamaCppOptions(n_threads=2, max_batch=1, kv_tokens=1024,
                                                       kv_cache_type=kind, prompt_cache_bytes=0))
         try:
-            assert engine.kv_plan.bytes_per_token == (23040 if kind == "f16" else 23040 * 34 // 64)
+            assert engine.kv_plan.bytes_per_token == per_token[kind]
             outputs[kind] = []
             for q in questions:  # one at a time: no batching effects in the comparison
                 runner = engine.create_runner()
@@ -133,18 +135,21 @@ def test_q8_0_kv_gives_readable_text_close_to_f16(path: Path) -> None:
                 finally:
                     runner.close()
                 outputs[kind].append(toks[:32])
-                if kind == "q8_0":
+                if kind != "f16":
                     texts.append(engine.detokenize(toks).decode("utf-8", "replace"))
         finally:
             engine.close()
-    agree = []
-    for a, b in zip(outputs["f16"], outputs["q8_0"], strict=True):
-        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        agree.append(same)
-    print(f"\nq8_0 vs f16 greedy: tokens in common before the first difference {agree} of 32")
-    # A 135M model is sensitive: greedy paths part after a few tokens (measured: 15, 4, 0, 2),
-    # but the start agrees on most prompts and the text stays fluent English on the same topic.
-    assert sum(n >= 4 for n in agree) >= 2
+    for kind in ("q8_0", "auto"):
+        agree = []
+        for a, b in zip(outputs["f16"], outputs[kind], strict=True):
+            agree.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                              min(len(a), len(b))))
+        print(f"\n{kind} vs f16 greedy: tokens in common before the first difference {agree} of 32")
+        # A 135M model is sensitive: greedy paths part after a few tokens (measured: q8_0 15, 32,
+        # 0, 2; auto 32, 4, 21, 2), but the start agrees on most prompts and the text stays fluent
+        # English on the same topic. Teacher-forced over 2,682 tokens of this repo's docs (see
+        # docs/operations.md) the next token agrees with f16's at 96.4% (q8_0) and 96.6% (auto).
+        assert sum(n >= 4 for n in agree) >= 2, kind
     for text in texts:
         words = text.split()
         assert len(words) >= 15, text

@@ -99,8 +99,9 @@ class LlamaCppOptions:
     Uses one KV stream per slot instead of the shared pool."""
     kv_tokens: int | None = None
     """Cells of the shared KV pool (None: :func:`~.backends.default_kv_tokens`)."""
-    kv_cache_type: str = "f16"
-    """f16, q8_0 or q4_0 (llama.cpp's -ctk/-ctv; quantized V needs flash attention)."""
+    kv_cache_type: str = "auto"
+    """auto, f16, q8_0, q4_0 or K/V such as q8_0/f16 (llama.cpp's -ctk/-ctv; a quantized V needs
+    flash attention): :func:`~..backends.kv_types`."""
     memory_budget: int | None = None
     """Bounds the default pool (1/8 of it at most)."""
     max_loras: int = 4
@@ -176,18 +177,19 @@ class LlamaCppEngine:
         """The KV layout (the same :func:`plan_kv` as the memory estimate): the shared pool, or
         per-slot streams in deterministic mode and for recurrent models (no cells to share)."""
         opts = self.options
-        if opts.kv_cache_type != "f16" and not opts.flash_attn:
-            llama_cpp.llama_model_free(model)
-            raise ModelLoadError("a quantized KV cache needs flash attention")
         f16_bytes, _ = _model_kv_geometry(model)
         recurrent = llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
         options = EngineOptions(n_threads=opts.n_threads, max_batch=opts.max_batch, n_ctx=opts.n_ctx,
                                 prompt_cache_bytes=opts.prompt_cache_bytes,
                                 deterministic=opts.deterministic, kv_tokens=opts.kv_tokens,
-                                kv_cache_type=opts.kv_cache_type, memory_budget=opts.memory_budget)
+                                kv_cache_type=opts.kv_cache_type, memory_budget=opts.memory_budget,
+                                execution_provider="cpu" if opts.n_gpu_layers == 0 else "gpu")
         try:
-            return plan_kv(options, f16_bytes, n_ctx_train,
+            plan = plan_kv(options, f16_bytes, n_ctx_train,
                            pooled=not opts.deterministic and not recurrent)
+            if plan.cache_types[1] != "f16" and not opts.flash_attn:
+                raise ModelLoadError("a quantized V cache needs flash attention")
+            return plan
         except ModelLoadError:
             llama_cpp.llama_model_free(model)
             raise

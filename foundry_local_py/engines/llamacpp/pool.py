@@ -28,8 +28,9 @@ rows mask, and still converting each skipped tile's mask. A long prefill beside 
 sequences is slower than in a per-sequence stream (measured: 200 tokens beside 7 sequences of
 768, 1.49-1.77 s vs 1.04 s); llama-server with ``--kv-unified`` pays the same.
 
-KV cache type (``kv_cache_type``): f16, q8_0 or q4_0 for both K and V (llama.cpp's -ctk/-ctv);
-a quantized V cache needs flash attention (on by default).
+KV cache types (``kv_cache_type``, :func:`~..backends.kv_types`): 'auto' stores K in q8_0 and V
+in f16 on the CPU (f16 both on a GPU); f16, q8_0 or q4_0 for both, or K/V (llama.cpp's
+-ctk/-ctv); a quantized V cache needs flash attention (on by default).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class KvPoolPolicy:
         self._n_kept = min(3 * self.max_batch, _MAX_SEQ - self.max_batch) if shareable else 0
         cparams.n_ctx = plan.kv_tokens
         cparams.kv_unified = plan.pooled
-        cparams.type_k = cparams.type_v = _GGML_KV_TYPES[self.engine.options.kv_cache_type]
+        cparams.type_k, cparams.type_v = (_GGML_KV_TYPES[t] for t in plan.cache_types)
 
     def _init_pool(self) -> None:
         plan = self.engine.kv_plan
@@ -140,13 +141,13 @@ class KvPoolPolicy:
     def kv_report(self) -> dict[str, Any]:
         if self._pool is None:
             return {"pooled": False, "capacity_tokens": self.n_ctx_seq * self.max_batch,
-                    "cache_type": self.engine.options.kv_cache_type}
+                    "cache_type": self.engine.kv_plan.cache_type}
         running = [s.seq_id for s in self._by_request.values()]
         return {"pooled": True, "capacity_tokens": self._pool.n_cells,
                 "used_tokens": self._pool.held_by(running),
                 "cached_tokens": self._pool.used, "free_tokens": self._pool.free,
                 "kept_sequences": len(self._kept),
-                "cache_type": self.engine.options.kv_cache_type,
+                "cache_type": self.engine.kv_plan.cache_type,
                 "preempted": len(self._parked), "preemptions": self.preemptions}
 
     def _running(self) -> list[Slot]:

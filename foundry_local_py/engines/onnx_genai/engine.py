@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ from ..backends import ONNX_GENAI, ONNX_KEPT_BYTES, onnx_kv_values
 from ..base import ChatTemplateSpec, Constraint, EngineInfo
 from .common import constraint_to_guidance, is_grammar_error, scrub
 from .generators import GeneratorRunner
-from .lanes import EngineRunner, probe_static_batch
+from .lanes import EngineRunner, probe_batch_invariance, probe_static_batch
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class OrtGenaiOptions:
     """'auto': og.Engine lanes, og.Generator when the engine cannot serve the model."""
     kept_bytes: int = ONNX_KEPT_BYTES
     """KV memory of finished sequences' generators kept for prefix reuse (0: off)."""
+    allow_batch_dependent_outputs: bool = False
+    """Batch sequences even when :func:`~.lanes.probe_batch_invariance` finds that batching
+    changes a row's logits (otherwise such a model decodes one sequence at a time)."""
 
 
 
@@ -208,12 +211,26 @@ class OrtGenaiEngine:
             n_ctx_train=n_ctx_train,
             n_vocab=self.n_vocab,
             max_batch=opts.max_batch,
-            capabilities=ONNX_GENAI.capabilities,
+            capabilities=replace(ONNX_GENAI.capabilities, batching=self._batching()),
             has_chat_template=self._template is not None,
             n_threads=opts.n_threads,
         )
         self._closed = False
         self._static_batch: int | None = None
+
+    def _batching(self) -> bool:
+        """Whether sequences may share a batch: only where a batched row's logits are bitwise
+        those of the row alone (issue 17: 4-bit MatMulNBits on AVX2 CPUs gives batched rows that
+        differ, and greedy outputs that depend on their neighbours), unless the settings allow
+        batch-dependent outputs."""
+        if self.options.max_batch <= 1 or self.options.allow_batch_dependent_outputs:
+            return True
+        if probe_batch_invariance(self):
+            return True
+        log.warning("onnxruntime computes a batched row of %s differently from the same row alone "
+                    "on this machine: its sequences are decoded one at a time (each gives what it "
+                    "gives alone; allow_batch_dependent_outputs batches them anyway)", self.path.name)
+        return False
 
     def _make_config(self, path: Path, og_name: str | None, provider: str, n_ctx: int) -> Any:
         opts = self.options

@@ -54,7 +54,8 @@ async def slots(request: Request) -> JSONResponse:
             })
         data.append({
             "id": lm.id, "model": lm.alias, "engine": lm.engine.info.engine,
-            "parallel": snap.max_batch, "running": len(snap.running), "waiting": len(snap.waiting),
+            "parallel": snap.max_batch, "batching": lm.engine.info.capabilities.batching,
+            "running": len(snap.running), "waiting": len(snap.waiting),
             "kv_cache": snap.kv, "slots": rows,
             "queue": [{"request_id": rid, "waiting_s": round(w, 3)} for rid, w in snap.waiting],
         })
