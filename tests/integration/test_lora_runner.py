@@ -26,7 +26,10 @@ def refs(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoraRef, LoraRef]:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[LlamaCppEngine]:
-    e = LlamaCppEngine(smol_gguf_path(), LlamaCppOptions(n_threads=1, max_batch=4, n_ctx=1024, max_loras=1))
+    # Deterministic mode: outputs are compared with the same request alone, and only per-slot
+    # streams promise that (in the shared pool a neighbour's cells change the attention's sums).
+    e = LlamaCppEngine(smol_gguf_path(), LlamaCppOptions(n_threads=1, max_batch=4, n_ctx=1024, max_loras=1,
+                                                         deterministic=True))
     yield e
     e.close()
 

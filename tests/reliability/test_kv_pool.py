@@ -42,7 +42,7 @@ def _long_prompt(n_words: int) -> str:
 
 
 def test_pool_exhaustion_serves_or_refuses_every_request_and_empties_the_pool(server_factory: Any) -> None:
-    proc = server_factory("--kv-tokens", "2048", "--parallel", "8")
+    proc = server_factory("--kv-tokens", "2048", "--parallel", "8", "--queue-timeout", "600")
     kv = _kv(proc)
     assert kv["pooled"] and kv["capacity_tokens"] == 2048
     prompts = [_long_prompt(400) for _ in range(16)]  # ~450 tokens each: about 4 fit at a time
