@@ -191,12 +191,15 @@ def _start(cfg: BenchConfig, gguf: Path | None, peer_bin: Path | None, *, report
         targets.append(("deterministic", det.base_url, cfg.model))
     if peer_bin is not None:
         assert gguf is not None
-        parallel, kv_tokens = _our_pool(targets[0][1], cfg.model, cfg.api_key)
-        report["pool"] = {"parallel": parallel, "kv_tokens": kv_tokens}
+        parallel, kv_tokens, cache_type = _our_pool(targets[0][1], cfg.model, cfg.api_key)
+        type_k, _, type_v = cache_type.partition("/")
+        type_v = type_v or type_k
+        report["pool"] = {"parallel": parallel, "kv_tokens": kv_tokens, "cache_type_k": type_k,
+                          "cache_type_v": type_v}
         console.print(f"starting llama-server (the peer): --parallel {parallel} -c {kv_tokens} "
-                      "--kv-unified ...")
+                      f"--kv-unified -ctk {type_k} -ctv {type_v} ...")
         peer = start_llama_server(peer_bin, gguf, n_threads=cfg.n_threads, parallel=parallel,
-                                  kv_tokens=kv_tokens, log_dir=cfg.log_dir)
+                                  kv_tokens=kv_tokens, cache_types=(type_k, type_v), log_dir=cfg.log_dir)
         servers.append(peer)
         targets.append(("llama-server", peer.base_url, "peer"))
 
@@ -272,15 +275,16 @@ def _paired(cfg: BenchConfig, ceiling: Any, targets: list[tuple[str, str, str]],
     } | {"median_ceiling_tps": round(statistics.median(ceilings), 1)}
 
 
-def _our_pool(base_url: str, model: str, api_key: str | None) -> tuple[int, int]:
-    """(slots, KV pool tokens) of our loaded ``model``, from /v1/slots: the peer gets the same."""
+def _our_pool(base_url: str, model: str, api_key: str | None) -> tuple[int, int, str]:
+    """(slots, KV pool tokens, K/V cache types) of our loaded ``model``, from /v1/slots: the peer
+    gets the same."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     data = httpx.get(base_url.rstrip("/") + "/slots", headers=headers, timeout=30).json()["data"]
     entry = next((m for m in data if model in (m["model"], m["id"])), data[0])
     kv = entry.get("kv_cache") or {}
-    return int(entry["parallel"]), int(kv.get("capacity_tokens") or 8192)
+    return int(entry["parallel"]), int(kv.get("capacity_tokens") or 8192), str(kv.get("cache_type") or "f16")
 
 
 def _ratio(a: float | None, b: float | None) -> str:

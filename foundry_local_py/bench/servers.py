@@ -126,13 +126,15 @@ def llama_server_binary(explicit: Path | None = None) -> Path:
 
 
 def start_llama_server(binary: Path, gguf: Path, *, n_threads: int, parallel: int, kv_tokens: int,
-                       log_dir: Path) -> ServerProcess:
+                       log_dir: Path, cache_types: tuple[str, str] = ("f16", "f16")) -> ServerProcess:
     """llama.cpp's C++ server with the same pool as ours: ``--parallel`` slots sharing one unified
-    KV cache of ``kv_tokens`` cells (``-c``, ``--kv-unified``), flash attention on as ours."""
+    KV cache of ``kv_tokens`` cells (``-c``, ``--kv-unified``) of the same K and V types (``-ctk``,
+    ``-ctv``), flash attention on as ours."""
     port = free_port()
     args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
             "-t", str(n_threads), "-tb", str(n_threads), "--parallel", str(parallel),
-            "-c", str(kv_tokens), "--kv-unified", "-fa", "on", "--alias", "peer"]
+            "-c", str(kv_tokens), "--kv-unified", "-fa", "on", "-ctk", cache_types[0],
+            "-ctv", cache_types[1], "--alias", "peer"]
     proc, log_path = _spawn("llama-server", args, log_dir)
     server = ServerProcess("llama-server", proc, f"http://127.0.0.1:{port}/v1", log_path)
     _wait_ready(server, f"http://127.0.0.1:{port}/health", 300)
