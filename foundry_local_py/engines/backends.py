@@ -41,9 +41,12 @@ KV_CACHE_TYPES: Mapping[str, float] = MappingProxyType({"f16": 2.0, "q8_0": 34 /
 """KV cache element types (llama.cpp's -ctk / -ctv) and their bytes per element (q8_0 and q4_0
 store blocks of 32 values with one f16 scale)."""
 KV_CACHE_AUTO_CPU = ("q8_0", "f16")
-"""(K, V) types of ``kv_cache_type`` 'auto' on the CPU: K in q8_0 (its dot products with the
-queries run in ggml's q8_0 kernels, as fast as f16 here; the pool 24% smaller), V in f16 (a
-quantized V is dequantized in flash attention, which halves prefill speed on the CPU)."""
+"""(K, V) types of ``kv_cache_type`` 'auto' on the CPU: K in q8_0, V in f16. The pool is 24%
+smaller (SmolLM2: 138 instead of 180 MiB at 8192 cells) and decoding as fast (llama.cpp alone,
+2 threads: 88-99 vs 82-90 tok/s after a 256-token prompt, 39-41 vs 42 after 2048); prefill of
+long prompts is slower (ggml's CPU flash attention takes a row-by-row path for a quantized K:
+0.90x f16's speed at 256 tokens, 0.72x at 768, 0.58x at 2048). Fidelity, teacher-forced over
+2,682 tokens: perplexity 21.85 vs 21.92, next token as f16's at 96.6% of positions."""
 
 SamplingField = Literal[
     "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
