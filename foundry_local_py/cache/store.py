@@ -40,6 +40,9 @@ from .catalog import (
 from .layout import check_registered_path, ensure_within, safe_join
 from .manifest import MANIFEST_NAME, Fidelity, Manifest, read_manifest
 
+BATCHING_NAME = ".batching.json"
+"""In a variant's folder: the engine's batch verdict on this machine (not part of the manifest)."""
+
 HASH_CHUNK = 4 * 1024 * 1024
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
@@ -179,6 +182,24 @@ class ModelStore:
         """The measured fidelity of a built conversion (None: not converted, or not built)."""
         manifest = self.manifest(model, variant)
         return manifest.fidelity if manifest is not None else None
+
+    def record_batching(self, model: CatalogModel, variant: Variant, verdict: dict[str, object]) -> None:
+        """Remember how the engine found this variant batches on this machine (the ONNX engine's
+        load-time check), for ``model info``; best effort (a read-only cache keeps nothing)."""
+        folder = self.variant_dir(model, variant)
+        try:
+            if folder.is_dir():
+                (folder / BATCHING_NAME).write_text(json.dumps(verdict), encoding="utf-8")
+        except OSError:
+            pass
+
+    def batching(self, model: CatalogModel, variant: Variant) -> dict[str, object] | None:
+        """The verdict :meth:`record_batching` kept, if any."""
+        try:
+            data = json.loads((self.variant_dir(model, variant) / BATCHING_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def is_degraded(self, model: CatalogModel, variant: Variant) -> bool:
         """True when the variant was built and measured below its fidelity threshold.

@@ -105,6 +105,17 @@ def list_models() -> None:
         console().print(table)
 
 
+def describe_batching(verdict: dict[str, object]) -> str:
+    """The engine's load-time batch verdict (``ModelStore.batching``) in words."""
+    when = f" (measured at load, {verdict.get('measured', '?')})"
+    if verdict.get("allowed_dependent"):
+        return "batched: allow_batch_dependent_outputs is on, outputs may depend on neighbours" + when
+    if verdict.get("batching"):
+        return "batched, outputs do not depend on neighbours" + when
+    return ("one sequence at a time: on this machine the runtime computes a batched row differently "
+            "from the row alone, so batching would change outputs" + when)
+
+
 @app.command("info")
 def info(
     alias: Annotated[str, typer.Argument(help="Model alias or variant id.")],
@@ -154,6 +165,9 @@ def info(
             fid = ctx.store.fidelity(model, variant)
             if fid is not None:
                 out.print(f"  fidelity of {variant.id}: {describe_fidelity(fid)}")
+            verdict = ctx.store.batching(model, variant)
+            if verdict is not None:
+                out.print(f"  batching of {variant.id}: {describe_batching(verdict)}")
         out.print(f"Selected on this machine: [bold]{chosen.id}[/bold]")
 
 

@@ -30,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -422,9 +424,19 @@ class ModelManager:
             self.metrics.model_load_seconds.labels(model.alias).observe(lm.load_seconds)
             self.metrics.declare_model(model.alias)
             self._loaded[variant.id] = lm
+            if variant.format == "onnx" and options.max_batch > 1:
+                await anyio.to_thread.run_sync(self._record_batching, model, variant, engine)
             log.info("loaded %s (%s on %s, %s) in %.2fs, ~%d MiB: %s", variant.id, lm.engine.info.engine,
                      lm.engine.info.device, engine_ep, lm.load_seconds, memory.total >> 20, choice.reason)
             return lm
+
+    def _record_batching(self, model: CatalogModel, variant: Variant, engine: Engine) -> None:
+        """Keep the engine's batch verdict (``Capabilities.batching``) for ``model info``."""
+        batching = engine.info.capabilities.batching
+        self.store.record_batching(model, variant, {
+            "batching": batching, "machine": platform.machine(),
+            "allowed_dependent": self.settings.allow_batch_dependent_outputs,
+            "measured": datetime.now(UTC).isoformat(timespec="seconds")})
 
     def _load_sync(
         self, model: CatalogModel, variant: Variant, path: Path, options: EngineOptions,

@@ -38,9 +38,21 @@ def test_requests_load_the_engine_of_the_named_variant(oai: openai.OpenAI, parit
     oai.chat.completions.create(model=model, messages=ask("Hi"), max_tokens=2)  # type: ignore[arg-type]
     card = httpx.get(parity_server.url(f"/v1/models/{model}")).json()
     assert card["loaded"] is True and card["engine"] == ENGINES[model]
-    loaded = {m["name"]: m["engine"] for m in httpx.get(parity_server.url("/openai/loadedmodels")).json()}
-    assert loaded[model] == ENGINES[model]
+    entries = {m["name"]: m for m in httpx.get(parity_server.url("/openai/loadedmodels")).json()}
+    assert entries[model]["engine"] == ENGINES[model]
     assert scrape(parity_server.base_url).get("foundry_local_model_loaded", engine=ENGINES[model]) >= 1
+    if model == ONNX:  # the load-time batch verdict is kept for `model info` (issue 17)
+        from typer.testing import CliRunner
+
+        from foundry_local_py.cli.main import app
+
+        batching = entries[model]["batching"]
+        assert isinstance(batching, bool)
+        result = CliRunner().invoke(app, ["model", "info", model],
+                                    env={"FOUNDRY_LOCAL_CACHE": str(parity_server.cache_dir)})
+        assert result.exit_code == 0, result.output
+        expected = "batched, outputs do not depend" if batching else "one sequence at a time"
+        assert f"batching of {model}: {expected}" in " ".join(result.output.split()), result.output
 
 
 def test_chat_is_coherent_and_stream_equals_non_stream(oai: openai.OpenAI, model: str) -> None:

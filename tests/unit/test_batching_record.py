@@ -1,0 +1,29 @@
+"""The ONNX engine's load-time batch verdict, kept beside a cached variant for ``model info``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from foundry_local_py.cache.catalog import Catalog
+from foundry_local_py.cache.store import BATCHING_NAME, ModelStore
+from foundry_local_py.cli.model import describe_batching
+
+VARIANT = "smollm2-135m-instruct-int8-onnx-cpu:1"
+
+
+def test_a_verdict_is_kept_per_variant_and_described(tmp_path: Path) -> None:
+    model, variant = Catalog.load().variant(VARIANT)
+    store = ModelStore(tmp_path)
+    store.record_batching(model, variant, {"batching": False})  # not cached: nothing is written
+    assert store.batching(model, variant) is None
+    folder = store.variant_dir(model, variant)
+    folder.mkdir(parents=True)
+    store.record_batching(model, variant, {"batching": False, "measured": "2026-12-02T05:00:00+00:00"})
+    assert (folder / BATCHING_NAME).is_file()
+    verdict = store.batching(model, variant)
+    assert verdict == {"batching": False, "measured": "2026-12-02T05:00:00+00:00"}
+    assert describe_batching(verdict).startswith("one sequence at a time")
+    assert describe_batching({"batching": True}).startswith("batched, outputs do not depend")
+    assert "may depend" in describe_batching({"batching": True, "allowed_dependent": True})
+    (folder / BATCHING_NAME).write_text("not json")
+    assert store.batching(model, variant) is None
