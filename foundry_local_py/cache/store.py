@@ -40,8 +40,8 @@ from .catalog import (
 from .layout import check_registered_path, ensure_within, safe_join
 from .manifest import MANIFEST_NAME, Fidelity, Manifest, read_manifest
 
-BATCHING_NAME = ".batching.json"
-"""In a variant's folder: the engine's batch verdict on this machine (not part of the manifest)."""
+BATCHING_NAME = ".batching-verdicts.json"
+"""In the cache's root: the engines' batch verdicts on this machine, by variant id."""
 
 HASH_CHUNK = 4 * 1024 * 1024
 STAGING_DIR = ".staging"
@@ -185,21 +185,32 @@ class ModelStore:
 
     def record_batching(self, model: CatalogModel, variant: Variant, verdict: dict[str, object]) -> None:
         """Remember how the engine found this variant batches on this machine (the ONNX engine's
-        load-time check), for ``model info``; best effort (a read-only cache keeps nothing)."""
-        folder = self.variant_dir(model, variant)
+        load-time check), for ``model info``: in ``<cache>/.batching-verdicts.json`` by variant id
+        (a variant's folder holds exactly its manifest's files). Best effort: a read-only cache
+        keeps nothing."""
+        path = self.root / BATCHING_NAME
         try:
-            if folder.is_dir():
-                (folder / BATCHING_NAME).write_text(json.dumps(verdict), encoding="utf-8")
-        except OSError:
+            with FileLock(str(path) + ".lock", timeout=10):
+                verdicts = self._batching_verdicts()
+                verdicts[variant.id] = verdict
+                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".batching-")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(verdicts, f)
+                os.replace(tmp, path)
+        except (OSError, TimeoutError):
             pass
 
     def batching(self, model: CatalogModel, variant: Variant) -> dict[str, object] | None:
-        """The verdict :meth:`record_batching` kept, if any."""
+        """The verdict :meth:`record_batching` kept for this variant, if any."""
+        verdict = self._batching_verdicts().get(variant.id)
+        return verdict if isinstance(verdict, dict) else None
+
+    def _batching_verdicts(self) -> dict[str, object]:
         try:
-            data = json.loads((self.variant_dir(model, variant) / BATCHING_NAME).read_text(encoding="utf-8"))
+            data = json.loads((self.root / BATCHING_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def is_degraded(self, model: CatalogModel, variant: Variant) -> bool:
         """True when the variant was built and measured below its fidelity threshold.

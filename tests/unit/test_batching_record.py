@@ -12,18 +12,20 @@ VARIANT = "smollm2-135m-instruct-int8-onnx-cpu:1"
 
 
 def test_a_verdict_is_kept_per_variant_and_described(tmp_path: Path) -> None:
-    model, variant = Catalog.load().variant(VARIANT)
+    catalog = Catalog.load()
+    model, variant = catalog.variant(VARIANT)
     store = ModelStore(tmp_path)
-    store.record_batching(model, variant, {"batching": False})  # not cached: nothing is written
     assert store.batching(model, variant) is None
-    folder = store.variant_dir(model, variant)
-    folder.mkdir(parents=True)
     store.record_batching(model, variant, {"batching": False, "measured": "2026-12-02T05:00:00+00:00"})
-    assert (folder / BATCHING_NAME).is_file()
+    other_model, other = catalog.variant("smollm2-135m-instruct-int4-onnx-cpu:1")
+    store.record_batching(other_model, other, {"batching": True})
+    assert (tmp_path / BATCHING_NAME).is_file()
+    assert not store.variant_dir(model, variant).exists()  # a variant's folder holds its manifest's files
+    assert store.batching(other_model, other) == {"batching": True}
     verdict = store.batching(model, variant)
     assert verdict == {"batching": False, "measured": "2026-12-02T05:00:00+00:00"}
     assert describe_batching(verdict).startswith("one sequence at a time")
     assert describe_batching({"batching": True}).startswith("batched, outputs do not depend")
     assert "may depend" in describe_batching({"batching": True, "allowed_dependent": True})
-    (folder / BATCHING_NAME).write_text("not json")
+    (tmp_path / BATCHING_NAME).write_text("not json")
     assert store.batching(model, variant) is None
