@@ -40,6 +40,8 @@ from .catalog import (
 from .layout import check_registered_path, ensure_within, safe_join
 from .manifest import MANIFEST_NAME, Fidelity, Manifest, read_manifest
 
+MEMO_NAME = ".verified.json"
+"""In the cache's root: size, mtime and sha256 of files already hashed (an optimisation only)."""
 BATCHING_NAME = ".batching-verdicts.json"
 """In the cache's root: the engines' batch verdicts on this machine, by variant id."""
 
@@ -188,29 +190,36 @@ class ModelStore:
         load-time check), for ``model info``: in ``<cache>/.batching-verdicts.json`` by variant id
         (a variant's folder holds exactly its manifest's files). Best effort: a read-only cache
         keeps nothing."""
-        path = self.root / BATCHING_NAME
-        try:
-            with FileLock(str(path) + ".lock", timeout=10):
-                verdicts = self._batching_verdicts()
-                verdicts[variant.id] = verdict
-                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".batching-")
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(verdicts, f)
-                os.replace(tmp, path)
-        except (OSError, TimeoutError):
-            pass
+        self._update_root_json(BATCHING_NAME, variant.id, verdict, lock="batching-verdicts")
 
     def batching(self, model: CatalogModel, variant: Variant) -> dict[str, object] | None:
         """The verdict :meth:`record_batching` kept for this variant, if any."""
-        verdict = self._batching_verdicts().get(variant.id)
+        verdict = self._read_root_json(BATCHING_NAME).get(variant.id)
         return verdict if isinstance(verdict, dict) else None
 
-    def _batching_verdicts(self) -> dict[str, object]:
+    def _read_root_json(self, name: str) -> dict[str, object]:
+        """A JSON object kept in the cache's root ({} when absent or unreadable)."""
         try:
-            data = json.loads((self.root / BATCHING_NAME).read_text(encoding="utf-8"))
+            data = json.loads((self.root / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+    def _update_root_json(self, name: str, key: str, value: object, *, lock: str) -> None:
+        """Set one key of a JSON object kept in the cache's root, under the store's ``lock``,
+        replacing the file atomically. Best effort (such files are memos and notes): a cache
+        that cannot be written, or a lock not had in 10 s, keeps nothing."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self.lock(lock, timeout=10):
+                data = self._read_root_json(name)
+                data[key] = value
+                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f"{name}-")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(data, f)
+                os.replace(tmp, self.root / name)
+        except (OSError, TimeoutError):
+            pass
 
     def is_degraded(self, model: CatalogModel, variant: Variant) -> bool:
         """True when the variant was built and measured below its fidelity threshold.
@@ -297,21 +306,11 @@ class ModelStore:
         if sha256 is not None and not self._verified(path, size, sha256):
             raise IntegrityError(f"'{path.name}' failed its sha256 check; reinstall or re-download it")
 
-    def _memo_path(self) -> Path:
-        return self.root / ".verified.json"
-
-    def _load_memo(self) -> dict[str, list[object]]:
-        try:
-            data = json.loads(self._memo_path().read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
     def _verified(self, path: Path, size: int | None, sha256: str) -> bool:
         st = path.stat()
         if size is not None and st.st_size != size:
             return False
-        memo = self._load_memo().get(str(path))
+        memo = self._read_root_json(MEMO_NAME).get(str(path))
         if memo == [st.st_size, st.st_mtime_ns, sha256]:
             return True
         if sha256_file(path) != sha256:
@@ -321,17 +320,11 @@ class ModelStore:
 
     def _remember(self, path: Path, sha256: str) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with self.lock("verified-memo", timeout=10):
-                memo = self._load_memo()
-                st = path.stat()
-                memo[str(path)] = [st.st_size, st.st_mtime_ns, sha256]
-                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".verified-")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(memo, f)
-                os.replace(tmp, self._memo_path())
-        except (OSError, TimeoutError):
-            pass  # the memo is an optimisation only
+            st = path.stat()
+        except OSError:
+            return  # the memo is an optimisation only
+        self._update_root_json(MEMO_NAME, str(path), [st.st_size, st.st_mtime_ns, sha256],
+                               lock="verified-memo")
 
 
 def discard_folder(store: ModelStore, folder: Path) -> bool:
