@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..engines.backends import kv_types
 from .load import run_level, single_stream_tps, warm_up
 from .servers import (
     ServerProcess,
@@ -192,8 +193,7 @@ def _start(cfg: BenchConfig, gguf: Path | None, peer_bin: Path | None, *, report
     if peer_bin is not None:
         assert gguf is not None
         parallel, kv_tokens, cache_type = _our_pool(targets[0][1], cfg.model, cfg.api_key)
-        type_k, _, type_v = cache_type.partition("/")
-        type_v = type_v or type_k
+        type_k, type_v = kv_types(cache_type, gpu=False)  # /v1/slots reports them resolved
         report["pool"] = {"parallel": parallel, "kv_tokens": kv_tokens, "cache_type_k": type_k,
                           "cache_type_v": type_v}
         console.print(f"starting llama-server (the peer): --parallel {parallel} -c {kv_tokens} "
