@@ -107,7 +107,8 @@ def probe_batch_invariance(owner: OrtGenaiEngine) -> bool:
         rows = []
         for batch in (1, 2):
             params = og.GeneratorParams(owner.model)
-            params.set_search_options(max_length=min(owner.n_ctx, len(prompt) + 2), batch_size=batch,
+            params.set_search_options(max_length=min(owner.n_ctx, max(len(prompt) + 2, owner.min_session)),
+                                      batch_size=batch,
                                       do_sample=False)
             generator = og.Generator(owner.model, params)
             generator.append_tokens(np.tile(prompt, (batch, 1)))
