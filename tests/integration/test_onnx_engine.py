@@ -467,3 +467,57 @@ def test_converted_gemma_generates_from_a_short_prompt(gemma3_onnx_int8: Path) -
         assert len(pieces) >= 8 and b"".join(pieces).decode("utf-8").strip()
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("variant", ["smollm2_onnx_int8", "gemma3_onnx_int8"])
+def test_last_position_logits_rewrite_keeps_the_logits(variant: str, request: pytest.FixtureRequest) -> None:
+    """The engine loads the decoder with the LM head computed for the last position only
+    (engines/onnx_genai/graph.py): a prompt's next-token logits are bitwise those of the graph as
+    converted (8-bit heads compute a row the same whatever the rows beside it), and so are the
+    greedy tokens after it."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    path: Path = request.getfixturevalue(variant)
+    eng = OrtGenaiEngine(path, OrtGenaiOptions(max_batch=1))
+    plain = og.Model(str(path))
+    try:
+        assert eng.last_position_logits
+        prompt = np.asarray(eng.tokenize("Write two sentences about the sea and the wind."), dtype=np.int32)
+        length = max(len(prompt) + 16, eng.min_session)
+
+        def greedy(model: og.Model) -> tuple[np.ndarray, list[int]]:
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=length, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(prompt)
+            first = np.array(gen.get_logits())[0, -1].copy()
+            tokens = []
+            for _ in range(16):
+                gen.generate_next_token()
+                tokens.append(int(gen.get_next_tokens()[0]))
+            return first, tokens
+
+        ours, plain_out = greedy(eng.model), greedy(plain)
+        assert np.array_equal(ours[0], plain_out[0])
+        assert ours[1] == plain_out[1]
+    finally:
+        del plain
+        eng.close()
+
+
+def test_batch_probe_runs_on_a_sliding_window_model(
+    gemma3_onnx_int8: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The load-time batch probe sizes its generators for the sliding window (Gemma 3 refuses a
+    KV buffer smaller than 512): before, the probe failed there and the model was decoded one
+    sequence at a time for no reason."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="foundry_local_py.engines.onnx_genai.lanes"):
+        eng = OrtGenaiEngine(gemma3_onnx_int8, OrtGenaiOptions(max_batch=2))
+    try:
+        assert eng.min_session > 0
+        assert not [r for r in caplog.records if "could not compare" in r.getMessage()]
+    finally:
+        eng.close()

@@ -2,7 +2,9 @@
 
 Loading goes through ``og.Config``: the execution provider is chosen there (``clear_providers`` +
 ``append_provider``), and an overlay bounds the default KV buffer (``search.max_length``), sets the
-static batch size and, optionally, the session's thread count. A provider that cannot start raises
+static batch size and, optionally, the session's thread count. The decoder graph is handed over
+rewritten to compute logits for each row's last position only (:mod:`.graph`; a prefill no longer
+multiplies every prompt position by the vocabulary matrix). A provider that cannot start raises
 :class:`~foundry_local_py.errors.ModelLoadError`, so the loader can fall back to another variant.
 
 Decoding: :class:`~.lanes.EngineRunner` (``og.Engine`` lanes), or, when ``og.Engine`` cannot
@@ -36,6 +38,7 @@ from ..backends import ONNX_GENAI, ONNX_KEPT_BYTES, onnx_kv_values
 from ..base import ChatTemplateSpec, Constraint, EngineInfo
 from .common import constraint_to_guidance, is_grammar_error, scrub
 from .generators import GeneratorRunner
+from .graph import last_position_logits
 from .lanes import EngineRunner, probe_batch_invariance, probe_static_batch
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,21 @@ class OrtGenaiOptions:
     """Batch sequences even when :func:`~.lanes.probe_batch_invariance` finds that batching
     changes a row's logits (otherwise such a model decodes one sequence at a time)."""
 
+
+
+def _last_position_graph(path: Path, decoder: dict[str, Any]) -> tuple[str, bytes] | None:
+    """The decoder graph rewritten to compute logits for the last position only
+    (:mod:`.graph`), as (file name, serialized graph) for ``og.Config.add_model_data``; None for
+    a decoder that is not one ONNX file in the folder, or a graph the rewrite does not know."""
+    filename = decoder.get("filename")
+    if not isinstance(filename, str) or "pipeline" in decoder or Path(filename).name != filename:
+        return None
+    model_file = path / filename
+    if not model_file.is_file():
+        return None
+    logits = (decoder.get("outputs") or {}).get("logits", "logits")
+    graph = last_position_logits(model_file, str(logits))
+    return None if graph is None else (filename, graph)
 
 
 def _bos_to_add(path: Path, model_cfg: dict[str, Any]) -> int | None:
@@ -169,15 +187,7 @@ class OrtGenaiEngine:
         self._dynamic = isinstance((genai_config.get("engine") or {}).get("dynamic_batching"), dict)
 
         og_name, ort_name, device = OG_PROVIDERS[provider]
-        config = self._make_config(path, og_name, provider, n_ctx)
-        try:
-            self._model = og.Model(config)
-        except Exception as exc:
-            if og_name is not None:
-                raise ModelLoadError(
-                    f"the {provider} execution provider could not be initialised: {scrub(str(exc))}"
-                ) from exc
-            raise ModelLoadError(f"the ONNX model could not be loaded: {scrub(str(exc))}") from exc
+        self._model = self._load_model(path, model_cfg, og_name, provider, n_ctx)
         try:
             self._tokenizer = og.Tokenizer(self._model)
             self._tokenizer_plain = og.Tokenizer(self._model)
@@ -231,6 +241,33 @@ class OrtGenaiEngine:
                     "on this machine: its sequences are decoded one at a time (each gives what it "
                     "gives alone; allow_batch_dependent_outputs batches them anyway)", self.path.name)
         return False
+
+    def _load_model(self, path: Path, model_cfg: dict[str, Any], og_name: str | None, provider: str,
+                    n_ctx: int) -> Any:
+        """og.Model of the folder, its decoder rewritten to compute logits for the last position
+        only (:mod:`.graph`) unless that graph does not load."""
+        config = self._make_config(path, og_name, provider, n_ctx)
+        rewritten = _last_position_graph(path, model_cfg.get("decoder") or {})
+        self.last_position_logits = False
+        """The decoder computes the LM head for each row's last position only (:mod:`.graph`)."""
+        try:
+            if rewritten is not None:
+                try:
+                    config.add_model_data(rewritten[0], rewritten[1])
+                    model = og.Model(config)
+                    self.last_position_logits = True
+                    return model
+                except Exception as exc:  # load the model as it is
+                    log.warning("%s did not load with its logits for the last position only (%s); "
+                                "trying the graph unchanged", path.name, scrub(str(exc)))
+                    config = self._make_config(path, og_name, provider, n_ctx)
+            return og.Model(config)
+        except Exception as exc:
+            if og_name is not None:
+                raise ModelLoadError(
+                    f"the {provider} execution provider could not be initialised: {scrub(str(exc))}"
+                ) from exc
+            raise ModelLoadError(f"the ONNX model could not be loaded: {scrub(str(exc))}") from exc
 
     def _make_config(self, path: Path, og_name: str | None, provider: str, n_ctx: int) -> Any:
         opts = self.options
