@@ -2,9 +2,9 @@
 
 Loading goes through ``og.Config``: the execution provider is chosen there (``clear_providers`` +
 ``append_provider``), and an overlay bounds the default KV buffer (``search.max_length``), sets the
-static batch size and, optionally, the session's thread count. The decoder graph is handed over
-rewritten to compute logits for each row's last position only (:mod:`.graph`; a prefill no longer
-multiplies every prompt position by the vocabulary matrix). A provider that cannot start raises
+static batch size and, optionally, the session's thread count. On the CPU the decoder graph is
+handed over rewritten to compute logits for each row's last position only (:mod:`.graph`; a
+prefill no longer multiplies every prompt position by the vocabulary matrix). A provider that cannot start raises
 :class:`~foundry_local_py.errors.ModelLoadError`, so the loader can fall back to another variant.
 
 Decoding: :class:`~.lanes.EngineRunner` (``og.Engine`` lanes), or, when ``og.Engine`` cannot
@@ -244,10 +244,12 @@ class OrtGenaiEngine:
 
     def _load_model(self, path: Path, model_cfg: dict[str, Any], og_name: str | None, provider: str,
                     n_ctx: int) -> Any:
-        """og.Model of the folder, its decoder rewritten to compute logits for the last position
-        only (:mod:`.graph`) unless that graph does not load."""
+        """og.Model of the folder; on the CPU its decoder rewritten to compute logits for the last
+        position only (:mod:`.graph`) unless that graph does not load."""
         config = self._make_config(path, og_name, provider, n_ctx)
-        rewritten = _last_position_graph(path, model_cfg.get("decoder") or {})
+        # CPU only: the rewrite is measured and tested there; GPU providers bind the logits
+        # output themselves (IO binding, graph capture) and no GPU was available to test it.
+        rewritten = _last_position_graph(path, model_cfg.get("decoder") or {}) if og_name is None else None
         self.last_position_logits = False
         """The decoder computes the LM head for each row's last position only (:mod:`.graph`)."""
         try:

@@ -10,7 +10,7 @@ position and its output broadcast back to ``[batch, sequence, vocab]`` (onnxrunt
 static batch decoder checks that shape; a broadcast of one row costs a memory write, not a
 matrix product). The model's weights and files are untouched: the engine hands the rewritten
 graph to ``og.Config.add_model_data`` and onnxruntime reads the external weights from the
-folder as before. Anything unexpected (no ``logits`` output of rank 3, no ``input_ids`` of rank
+folder as before. The engine does this on the CPU only, where it is measured and tested. Anything unexpected (no ``logits`` output of rank 3, no ``input_ids`` of rank
 2, no MatMul-like head) returns None and the model loads as it is.
 
 The last row's logits are the same product as before, row for row, on every kernel that
