@@ -4,8 +4,9 @@ Loading goes through ``og.Config``: the execution provider is chosen there (``cl
 ``append_provider``), and an overlay bounds the default KV buffer (``search.max_length``), sets the
 static batch size and, optionally, the session's thread count. On the CPU the decoder graph is
 handed over rewritten to compute logits for each row's last position only (:mod:`.graph`; a
-prefill no longer multiplies every prompt position by the vocabulary matrix). A provider that cannot start raises
-:class:`~foundry_local_py.errors.ModelLoadError`, so the loader can fall back to another variant.
+prefill no longer multiplies every prompt position by the vocabulary matrix). A provider that
+cannot start raises :class:`~foundry_local_py.errors.ModelLoadError`, so the loader can fall
+back to another variant.
 
 Decoding: :class:`~.lanes.EngineRunner` (``og.Engine`` lanes), or, when ``og.Engine`` cannot
 serve a model (e.g. stateful execution providers that manage the KV cache),

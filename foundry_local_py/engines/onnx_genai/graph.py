@@ -1,21 +1,23 @@
 """A load-time rewrite of an ONNX GenAI decoder graph: logits for the last position only.
 
-The model builder's decoders compute the LM head for every position of the input, so a prefill of
-S tokens multiplies S rows by the vocabulary matrix although onnxruntime-genai samples from the
-last row alone (og.Engine, og.Generator and our runners never read the others). For SmolLM2 (49k
-vocabulary) that is ~17% of a prefill; for Gemma 3 (262k) more than the rest of the model.
+The model builder's decoders compute the LM head for every position of the input, so a prefill of S
+tokens multiplies S rows by the vocabulary matrix although onnxruntime-genai samples from the last
+row alone (og.Engine, og.Generator and our runners never read the others). For SmolLM2 (49k
+vocabulary) that is ~17% of a prefill; for Gemma 3 (262k) about half.
 
-:func:`last_position_logits` returns the graph with the LM head's input sliced to the last
-position and its output broadcast back to ``[batch, sequence, vocab]`` (onnxruntime-genai's
-static batch decoder checks that shape; a broadcast of one row costs a memory write, not a
-matrix product). The model's weights and files are untouched: the engine hands the rewritten
-graph to ``og.Config.add_model_data`` and onnxruntime reads the external weights from the
-folder as before. The engine does this on the CPU only, where it is measured and tested. Anything unexpected (no ``logits`` output of rank 3, no ``input_ids`` of rank
-2, no MatMul-like head) returns None and the model loads as it is.
+:func:`last_position_logits` returns the graph with the LM head's input gathered at each row's last
+real position (rows are right-padded: ``sum(attention_mask) - 1`` of the whole sequence, counted in
+this run's input) and its output broadcast back to ``[batch, sequence, vocab]`` (onnxruntime-
+genai's static batch decoder checks that shape; a broadcast of one row costs a memory write, not a
+matrix product). The model's weights and files are untouched: the engine hands the rewritten graph
+to ``og.Config.add_model_data`` and onnxruntime reads the external weights from the folder as
+before. The engine does this on the CPU only, where it is measured and tested. Anything unexpected
+(no ``logits`` output of rank 3, no ``input_ids`` of rank 2, no MatMul-like head) returns None and
+the model loads as it is.
 
-The last row's logits are the same product as before, row for row, on every kernel that
-computes a row independently of the rows beside it (what
-:func:`~.lanes.probe_batch_invariance` checks at load).
+The last row's logits are the same product as before, row for row, on every kernel that computes a
+row independently of the rows beside it (what :func:`~.lanes.probe_batch_invariance` checks at
+load).
 """
 
 from __future__ import annotations
