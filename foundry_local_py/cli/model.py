@@ -108,12 +108,13 @@ def list_models() -> None:
 def describe_batching(verdict: dict[str, object]) -> str:
     """The engine's load-time batch verdict (``ModelStore.batching``) in words."""
     when = f" (measured at load, {verdict.get('measured', '?')})"
+    if not verdict.get("batching"):
+        reason = verdict.get("reason") or ("on this machine the runtime computes a batched row "
+                                           "differently from the row alone, so batching would change outputs")
+        return f"one sequence at a time: {reason}{when}"
     if verdict.get("allowed_dependent"):
         return "batched: allow_batch_dependent_outputs is on, outputs may depend on neighbours" + when
-    if verdict.get("batching"):
-        return "batched, outputs do not depend on neighbours" + when
-    return ("one sequence at a time: on this machine the runtime computes a batched row differently "
-            "from the row alone, so batching would change outputs" + when)
+    return "batched, outputs do not depend on neighbours" + when
 
 
 @app.command("info")

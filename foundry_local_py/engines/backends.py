@@ -85,7 +85,10 @@ class Capabilities:
     """Decodes concurrent sequences in one batch. False for a loaded model whose runtime computes a
     batched row differently from the same row alone (measured at load; e.g. onnxruntime's 4-bit
     MatMulNBits on AVX2 CPUs): its sequences then run one at a time, side by side, so each gives
-    what it gives alone (``allow_batch_dependent_outputs`` batches them anyway)."""
+    what it gives alone (``allow_batch_dependent_outputs`` batches them anyway), or whose runtime
+    fails a batch of prompts of different lengths."""
+    batching_reason: str = ""
+    """Why ``batching`` is False, in words (``model info`` shows it)."""
 
 
 @dataclass(frozen=True)

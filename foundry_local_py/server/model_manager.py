@@ -432,9 +432,10 @@ class ModelManager:
 
     def _record_batching(self, model: CatalogModel, variant: Variant, engine: Engine) -> None:
         """Keep the engine's batch verdict (``Capabilities.batching``) for ``model info``."""
-        batching = engine.info.capabilities.batching
+        caps = engine.info.capabilities
+        batching = caps.batching
         self.store.record_batching(model, variant, {
-            "batching": batching, "machine": platform.machine(),
+            "batching": batching, "reason": caps.batching_reason, "machine": platform.machine(),
             "allowed_dependent": self.settings.allow_batch_dependent_outputs,
             "measured": datetime.now(UTC).isoformat(timespec="seconds")})
 

@@ -27,5 +27,9 @@ def test_a_verdict_is_kept_per_variant_and_described(tmp_path: Path) -> None:
     assert describe_batching(verdict).startswith("one sequence at a time")
     assert describe_batching({"batching": True}).startswith("batched, outputs do not depend")
     assert "may depend" in describe_batching({"batching": True, "allowed_dependent": True})
+    # the engine's reason is shown; a runtime that fails batches is not batched whatever is allowed
+    failing = {"batching": False, "allowed_dependent": True,
+               "reason": "the runtime fails a batch of prompts of different lengths for this model"}
+    assert describe_batching(failing).startswith("one sequence at a time: the runtime fails a batch")
     (tmp_path / BATCHING_NAME).write_text("not json")
     assert store.batching(model, variant) is None

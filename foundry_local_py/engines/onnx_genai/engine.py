@@ -40,7 +40,7 @@ from ..base import ChatTemplateSpec, Constraint, EngineInfo
 from .common import constraint_to_guidance, is_grammar_error, scrub
 from .generators import GeneratorRunner
 from .graph import last_position_logits
-from .lanes import EngineRunner, probe_batch_invariance, probe_static_batch
+from .lanes import EngineRunner, probe_batch_invariance, probe_mixed_lengths, probe_static_batch
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ class OrtGenaiEngine:
             kv_values = 0  # unknown: no prefix reuse (its budget could not be kept)
         self.kv_bytes_per_token = kv_values * (4 if device == "cpu" else 2)
         """KV bytes one token takes in every layer (fp32 on the CPU, fp16 elsewhere)."""
+        batching, why = self._batching()
         self.info = EngineInfo(
             engine="onnxruntime-genai",
             model_path=path,
@@ -222,26 +223,36 @@ class OrtGenaiEngine:
             n_ctx_train=n_ctx_train,
             n_vocab=self.n_vocab,
             max_batch=opts.max_batch,
-            capabilities=replace(ONNX_GENAI.capabilities, batching=self._batching()),
+            capabilities=replace(ONNX_GENAI.capabilities, batching=batching, batching_reason=why),
             has_chat_template=self._template is not None,
             n_threads=opts.n_threads,
         )
         self._closed = False
         self._static_batch: int | None = None
 
-    def _batching(self) -> bool:
-        """Whether sequences may share a batch: only where a batched row's logits are bitwise
-        those of the row alone (issue 17: 4-bit MatMulNBits on AVX2 CPUs gives batched rows that
-        differ, and greedy outputs that depend on their neighbours), unless the settings allow
-        batch-dependent outputs."""
-        if self.options.max_batch <= 1 or self.options.allow_batch_dependent_outputs:
-            return True
-        if probe_batch_invariance(self):
-            return True
+    def _batching(self) -> tuple[bool, str]:
+        """Whether sequences may share a batch, and why not: only where the runtime runs a batch of
+        prompts of different lengths (:func:`~.lanes.probe_mixed_lengths`) and a batched row's
+        logits are bitwise those of the row alone (issue 17: 4-bit MatMulNBits on AVX2 CPUs gives
+        batched rows that differ, and greedy outputs that depend on their neighbours), unless the
+        settings allow batch-dependent outputs (a runtime that fails batches is never batched)."""
+        if self.options.max_batch <= 1:
+            return True, ""
+        mixed = probe_mixed_lengths(self)
+        if mixed == "fails":
+            log.warning("onnxruntime-genai fails a batch of %s's prompts of different lengths on "
+                        "this machine: its sequences are decoded one at a time", self.path.name)
+            return False, ("the runtime fails a batch of prompts of different lengths for this model, "
+                           "so its sequences run one at a time")
+        if self.options.allow_batch_dependent_outputs:
+            return True, ""
+        if mixed == "same" and probe_batch_invariance(self):
+            return True, ""
         log.warning("onnxruntime computes a batched row of %s differently from the same row alone "
                     "on this machine: its sequences are decoded one at a time (each gives what it "
                     "gives alone; allow_batch_dependent_outputs batches them anyway)", self.path.name)
-        return False
+        return False, ("on this machine the runtime computes a batched row differently from the row "
+                       "alone, so batching would change outputs")
 
     def _load_model(self, path: Path, model_cfg: dict[str, Any], og_name: str | None, provider: str,
                     n_ctx: int) -> Any:

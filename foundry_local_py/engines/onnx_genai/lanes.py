@@ -33,14 +33,22 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnxruntime_genai as og
 
 from ...errors import EngineError
 from ..base import GenerationRequest, SequenceFailure, TokenOutput
-from .common import Budget, apply_sampling, constraint_to_guidance, finish_outputs, plan_budget, start_error
+from .common import (
+    Budget,
+    apply_sampling,
+    constraint_to_guidance,
+    finish_outputs,
+    plan_budget,
+    scrub,
+    start_error,
+)
 from .generators import GeneratorRunner
 
 if TYPE_CHECKING:
@@ -119,6 +127,60 @@ def probe_batch_invariance(owner: OrtGenaiEngine) -> bool:
         log.info("could not compare batched and lone rows (%s): decoding one sequence at a time", exc)
         return False
     return bool(np.array_equal(rows[0], rows[1]))
+
+
+def probe_mixed_lengths(owner: OrtGenaiEngine) -> Literal["same", "differs", "fails"]:
+    """Whether a static og.Engine batch of two prompts of different lengths runs, and gives each
+    row the first tokens it gets alone. onnxruntime-genai right-pads such a batch; for Gemma 3
+    (sliding-window attention) the runtime fails it ("seqlens_k ... is too small for
+    sequence_length"), which no setting should turn into failed requests."""
+    texts = ("Hi.", "The quick brown fox jumps over the lazy dog, and then it runs away.")
+    prompts = [np.asarray(owner.tokenize(t, add_special=False) or [max(owner.eos_token, 0)], dtype=np.int32)
+               for t in texts]
+
+    def first_tokens(batch: list[np.ndarray]) -> list[list[int]]:
+        engine = og.Engine(owner.model)
+        buffer = engine.create_event_buffer(64)
+        requests: list[Any] = []
+        tokens: dict[int, list[int]] = {}
+        try:
+            for prompt in batch:
+                options = og.RequestOptions()
+                options.set_max_session_tokens(min(owner.n_ctx, max(len(prompt) + 3, owner.min_session)))
+                request = engine.create_request(options=options)
+                requests.append(request)
+                tokens[id(request)] = []
+                turn = og.TurnOptions(request)
+                turn.set_max_generated_tokens(2)
+                turn.set_do_sample(False)
+                request.begin_turn(prompt, turn)
+            for _ in range(8):
+                if not engine.has_pending_requests():
+                    break
+                events = engine.run(buffer)
+                for i in range(len(events)):
+                    flags = int(events[i].flags.value)
+                    if flags & _FLAG_FAILED:
+                        raise EngineError("the runtime failed the batch")
+                    if flags & _FLAG_TOKEN and events[i].token is not None:
+                        tokens[id(events[i].request)].append(int(events[i].token))
+            return [tokens[id(r)] for r in requests]
+        finally:
+            for request in requests:
+                with contextlib.suppress(Exception):
+                    request.close()
+
+    try:
+        alone = [first_tokens([p])[0] for p in prompts]
+    except Exception as exc:  # not the batch's fault: let the other probe decide
+        log.info("could not run the prompts of the mixed-length probe alone (%s)", exc)
+        return "same"
+    try:
+        together = first_tokens(prompts)
+    except Exception as exc:
+        log.info("a static batch of prompts of different lengths failed (%s)", scrub(str(exc)))
+        return "fails"
+    return "same" if together == alone else "differs"
 
 
 @dataclass(eq=False)
