@@ -267,7 +267,10 @@ class OrtGenaiEngine:
         try:
             if rewritten is not None:
                 try:
-                    config.add_model_data(rewritten[0], rewritten[1])
+                    # og.Config borrows the buffer (a freed one crashes og.Model): kept for the
+                    # engine's life, with the config
+                    self._graph_data, self._graph_config = rewritten[1], config
+                    config.add_model_data(rewritten[0], self._graph_data)
                     model = og.Model(config)
                     self.last_position_logits = True
                     return model
