@@ -48,6 +48,10 @@ def test_requests_load_the_engine_of_the_named_variant(oai: openai.OpenAI, parit
 
         batching = entries[model]["batching"]
         assert isinstance(batching, bool)
+        assert bool(entries[model]["batchingReason"]) == (not batching)  # why not, in words
+        slots = {m["id"]: m for m in httpx.get(parity_server.url("/v1/slots")).json()["data"]}
+        assert slots[model]["batching"] == batching
+        assert slots[model]["batching_reason"] == entries[model]["batchingReason"]
         result = CliRunner().invoke(app, ["model", "info", model],
                                     env={"FOUNDRY_LOCAL_CACHE": str(parity_server.cache_dir)})
         assert result.exit_code == 0, result.output

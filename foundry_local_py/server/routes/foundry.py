@@ -33,7 +33,8 @@ def _loaded_json(core: Core) -> list[dict[str, Any]]:
         out.append({
             "name": lm.id, "alias": lm.alias, "engine": info.engine, "device": info.device,
             "executionProvider": info.execution_provider, "contextLength": info.n_ctx,
-            "maxBatch": info.max_batch, "batching": info.capabilities.batching, "ttl": lm.ttl_s,
+            "maxBatch": info.max_batch, "batching": info.capabilities.batching,
+            "batchingReason": info.capabilities.batching_reason, "ttl": lm.ttl_s,
             "running": stats.running, "waiting": stats.waiting, "loadSeconds": round(lm.load_seconds, 3),
         })
     return out

@@ -55,6 +55,7 @@ async def slots(request: Request) -> JSONResponse:
         data.append({
             "id": lm.id, "model": lm.alias, "engine": lm.engine.info.engine,
             "parallel": snap.max_batch, "batching": lm.engine.info.capabilities.batching,
+            "batching_reason": lm.engine.info.capabilities.batching_reason,
             "running": len(snap.running), "waiting": len(snap.waiting),
             "kv_cache": snap.kv, "slots": rows,
             "queue": [{"request_id": rid, "waiting_s": round(w, 3)} for rid, w in snap.waiting],
