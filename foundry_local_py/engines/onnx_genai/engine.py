@@ -240,19 +240,14 @@ class OrtGenaiEngine:
             return True, ""
         mixed = probe_mixed_lengths(self)
         if mixed == "fails":
-            log.warning("onnxruntime-genai fails a batch of %s's prompts of different lengths on "
-                        "this machine: its sequences are decoded one at a time", self.path.name)
-            return False, ("the runtime fails a batch of prompts of different lengths for this model, "
-                           "so its sequences run one at a time")
-        if self.options.allow_batch_dependent_outputs:
+            why = "the runtime fails a batch of prompts of different lengths for this model"
+        elif self.options.allow_batch_dependent_outputs or (mixed == "same" and probe_batch_invariance(self)):
             return True, ""
-        if mixed == "same" and probe_batch_invariance(self):
-            return True, ""
-        log.warning("onnxruntime computes a batched row of %s differently from the same row alone "
-                    "on this machine: its sequences are decoded one at a time (each gives what it "
-                    "gives alone; allow_batch_dependent_outputs batches them anyway)", self.path.name)
-        return False, ("on this machine the runtime computes a batched row differently from the row "
-                       "alone, so batching would change outputs")
+        else:
+            why = ("on this machine the runtime computes a batched row differently from the row alone, "
+                   "so batching would change outputs (allow_batch_dependent_outputs batches anyway)")
+        log.warning("%s: its sequences are decoded one at a time: %s", self.path.name, why)
+        return False, why
 
     def _load_model(self, path: Path, model_cfg: dict[str, Any], og_name: str | None, provider: str,
                     n_ctx: int) -> Any:

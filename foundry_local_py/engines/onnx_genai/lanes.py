@@ -71,36 +71,64 @@ _FLAG_FINISHED = int(og.EngineEventFlags.TURN_FINISHED.value)
 _FLAG_FAILED = int(og.EngineEventFlags.FAILED.value)
 
 
-def probe_static_batch(owner: OrtGenaiEngine, wanted: int) -> int:
-    """Requests a fresh static og.Engine starts in its first batch when ``wanted`` wait (<= wanted)."""
-    if wanted <= 1:
-        return 1
+def _probe_prompt(owner: OrtGenaiEngine, text: str) -> np.ndarray:
+    """A probe's prompt: ``text``'s tokens (the EOS token for a tokenizer that gives none)."""
+    return np.asarray(owner.tokenize(text, add_special=False) or [max(owner.eos_token, 0)], dtype=np.int32)
+
+
+def _probe_length(owner: OrtGenaiEngine, tokens: int) -> int:
+    """A probe sequence's KV buffer: ``tokens``, but at least the model's sliding window (Gemma 3
+    refuses a smaller one) and at most its context."""
+    return min(owner.n_ctx, max(tokens, owner.min_session))
+
+
+def _static_turns(owner: OrtGenaiEngine, prompts: list[np.ndarray], max_new: int,
+                  runs: int) -> list[tuple[list[int], int]]:
+    """Greedy turns of ``prompts`` added together to a fresh og.Engine, run at most ``runs`` times:
+    each request's (tokens, the OR of its events' flags)."""
     engine = og.Engine(owner.model)
-    buffer = engine.create_event_buffer(4 * wanted + 16)
-    prompt = np.asarray(owner.tokenize("Hi", add_special=False) or [max(owner.eos_token, 0)], dtype=np.int32)
-    session = max(len(prompt) + 1, min(owner.min_session, owner.n_ctx))
-    requests = []
+    buffer = engine.create_event_buffer(4 * len(prompts) + 16)
+    requests: list[Any] = []
+    seen: dict[int, tuple[list[int], int]] = {}
     try:
-        for _ in range(wanted):
+        for prompt in prompts:
             options = og.RequestOptions()
-            options.set_max_session_tokens(session)
+            options.set_max_session_tokens(_probe_length(owner, len(prompt) + max_new + 1))
             request = engine.create_request(options=options)
             requests.append(request)
+            seen[id(request)] = ([], 0)
             turn = og.TurnOptions(request)
-            turn.set_max_generated_tokens(1)
+            turn.set_max_generated_tokens(max_new)
             turn.set_do_sample(False)
             request.begin_turn(prompt, turn)
-        events = engine.run(buffer)
-        started = {id(events[i].request) for i in range(len(events))
-                   if int(events[i].flags.value) & (_FLAG_TOKEN | _FLAG_FINISHED)}
-    except Exception as exc:  # the probe is an optimisation: without it, lanes of max_batch
-        log.info("could not measure og.Engine's static batch size (%s)", exc)
-        return wanted
+        for _ in range(runs):
+            if not engine.has_pending_requests():
+                break
+            events = engine.run(buffer)
+            for i in range(len(events)):
+                tokens, flags = seen[id(events[i].request)]
+                event_flags = int(events[i].flags.value)
+                if event_flags & _FLAG_TOKEN and events[i].token is not None:
+                    tokens.append(int(events[i].token))
+                seen[id(events[i].request)] = (tokens, flags | event_flags)
+        return [seen[id(r)] for r in requests]
     finally:
         for request in requests:
             with contextlib.suppress(Exception):
                 request.close()
-    return max(1, min(wanted, len(started)))
+
+
+def probe_static_batch(owner: OrtGenaiEngine, wanted: int) -> int:
+    """Requests a fresh static og.Engine starts in its first batch when ``wanted`` wait (<= wanted)."""
+    if wanted <= 1:
+        return 1
+    try:
+        turns = _static_turns(owner, [_probe_prompt(owner, "Hi")] * wanted, max_new=1, runs=1)
+    except Exception as exc:  # the probe is an optimisation: without it, lanes of max_batch
+        log.info("could not measure og.Engine's static batch size (%s)", exc)
+        return wanted
+    started = sum(1 for _, flags in turns if flags & (_FLAG_TOKEN | _FLAG_FINISHED))
+    return max(1, min(wanted, started))
 
 
 def probe_batch_invariance(owner: OrtGenaiEngine) -> bool:
@@ -109,14 +137,12 @@ def probe_batch_invariance(owner: OrtGenaiEngine) -> bool:
     og.Generator each; the prompt's prefill and one decode step, ~0.2 s for a 135M model on 2
     cores). A probe that cannot run counts as not invariant: outputs must not depend on
     neighbours unless that is shown not to happen."""
-    prompt = np.asarray(owner.tokenize("The quick brown fox jumps over the lazy dog.", add_special=False)
-                        or [max(owner.eos_token, 0)], dtype=np.int32)
+    prompt = _probe_prompt(owner, "The quick brown fox jumps over the lazy dog.")
     try:
         rows = []
         for batch in (1, 2):
             params = og.GeneratorParams(owner.model)
-            params.set_search_options(max_length=min(owner.n_ctx, max(len(prompt) + 2, owner.min_session)),
-                                      batch_size=batch,
+            params.set_search_options(max_length=_probe_length(owner, len(prompt) + 2), batch_size=batch,
                                       do_sample=False)
             generator = og.Generator(owner.model, params)
             generator.append_tokens(np.tile(prompt, (batch, 1)))
@@ -134,41 +160,14 @@ def probe_mixed_lengths(owner: OrtGenaiEngine) -> Literal["same", "differs", "fa
     row the first tokens it gets alone. onnxruntime-genai right-pads such a batch; for Gemma 3
     (sliding-window attention) the runtime fails it ("seqlens_k ... is too small for
     sequence_length"), which no setting should turn into failed requests."""
-    texts = ("Hi.", "The quick brown fox jumps over the lazy dog, and then it runs away.")
-    prompts = [np.asarray(owner.tokenize(t, add_special=False) or [max(owner.eos_token, 0)], dtype=np.int32)
-               for t in texts]
+    prompts = [_probe_prompt(owner, t)
+               for t in ("Hi.", "The quick brown fox jumps over the lazy dog, and then it runs away.")]
 
     def first_tokens(batch: list[np.ndarray]) -> list[list[int]]:
-        engine = og.Engine(owner.model)
-        buffer = engine.create_event_buffer(64)
-        requests: list[Any] = []
-        tokens: dict[int, list[int]] = {}
-        try:
-            for prompt in batch:
-                options = og.RequestOptions()
-                options.set_max_session_tokens(min(owner.n_ctx, max(len(prompt) + 3, owner.min_session)))
-                request = engine.create_request(options=options)
-                requests.append(request)
-                tokens[id(request)] = []
-                turn = og.TurnOptions(request)
-                turn.set_max_generated_tokens(2)
-                turn.set_do_sample(False)
-                request.begin_turn(prompt, turn)
-            for _ in range(8):
-                if not engine.has_pending_requests():
-                    break
-                events = engine.run(buffer)
-                for i in range(len(events)):
-                    flags = int(events[i].flags.value)
-                    if flags & _FLAG_FAILED:
-                        raise EngineError("the runtime failed the batch")
-                    if flags & _FLAG_TOKEN and events[i].token is not None:
-                        tokens[id(events[i].request)].append(int(events[i].token))
-            return [tokens[id(r)] for r in requests]
-        finally:
-            for request in requests:
-                with contextlib.suppress(Exception):
-                    request.close()
+        turns = _static_turns(owner, batch, max_new=2, runs=8)
+        if any(flags & _FLAG_FAILED for _, flags in turns):
+            raise EngineError("the runtime failed the batch")
+        return [tokens for tokens, _ in turns]
 
     try:
         alone = [first_tokens([p])[0] for p in prompts]
